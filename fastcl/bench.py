@@ -1,0 +1,24 @@
+"""Benchmarks: `python -m fastcl.bench {loader,kernels,step,mining} ...` -> printed table + JSON evidence.
+
+Each subcommand lives in fastcl/benchmarks/<name>.py with `main(argv) -> dict`; results are written by
+fastcl.benchmarks.common.write_evidence under docs/benchmarks/ (commit, resolved config, hardware,
+timing method, repeats), as PERFORMANCE.md asks.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS = ("loader", "kernels", "step", "mining")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in SUBCOMMANDS:
+        sys.exit(f"usage: python -m fastcl.bench {{{','.join(SUBCOMMANDS)}}} [options]   (got {argv[:1]})")
+    mod = importlib.import_module(f"fastcl.benchmarks.{argv[0]}")
+    mod.main(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

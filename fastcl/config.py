@@ -1,0 +1,339 @@
+"""Typed config schema, YAML loading with `defaults:` composition, dotted overrides, strict keys.
+
+    cfg = load_config("configs/exp/cifar10_mocov2.yaml", ["optim.lr=0.1", "trainer.epochs=5"])
+
+Every key is declared here with its type and default. A key that is not declared fails before anything
+runs, naming the key and the closest valid ones (difflib). `validate(cfg)` then checks values that a type
+cannot express (positive sizes, temperatures > 0, known names).
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from fastcl.pipelines.augspec import AugSpec
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names it."""
+
+
+@dataclass
+class DataCfg:
+    backend: str = "synthetic"  # synthetic | torch | gpu_tensor | ffcv | dali
+    path: str = ""  # training data: image folder (class sub-folders or flat) or .beton for ffcv
+    eval_path: str = ""  # labelled held-out split (image folder) for the kNN monitor; "" = no monitor
+    eval_train_path: str = ""  # labelled train split used as the kNN bank; "" = data.path
+    num_samples: int = 512  # synthetic backend only
+    num_classes: int = 10  # synthetic backend only (labels for diagnostics)
+    max_samples: int = 0  # >0: use only the first max_samples images (in the documented id order)
+    workers: int = 2  # loader worker processes (torch backend) / threads (ffcv, dali)
+    drop_last: bool = True  # drop the incomplete final global batch
+    shuffle: bool = True
+    aug: AugSpec = field(default_factory=AugSpec)
+
+
+@dataclass
+class ModelCfg:
+    arch: str = "resnet18"  # resnet18 | resnet34 | resnet50
+    cifar_stem: bool = False  # 3x3 stride-1 conv, no max-pool (small images)
+    width: int = 64  # base channel width (64 = torchvision); smaller for CPU tests
+    proj_hidden: int = 2048
+    proj_dim: int = 128
+    proj_layers: int = 2  # MoCo-v2: 2, SimCLR-v2/SANE: 3
+    proj_bn: bool = True  # BN on hidden projector layers
+    proj_out_bn: bool = False  # BN (no affine) on the projector output (SCE ImageNet)
+    pred_hidden: int = 0  # >0: online predictor MLP dim -> hidden -> dim (SCE ImageNet); 0 = none
+    sync_bn: bool = True  # with >1 process: BN statistics over the global batch
+
+
+@dataclass
+class SCECfg:
+    lam: float = 0.5  # weight of the one-hot (InfoNCE) part
+    tau_m: float = 0.05  # teacher (target) temperature
+    self_logit_compat: bool = False  # official-code mode: positive column gets teacher logit 0 instead of -inf
+
+
+@dataclass
+class IFNDCfg:
+    levels: list[int] = field(default_factory=lambda: [10, 20, 40])  # k-means cluster counts K_m [U]
+    refresh_every: int = 1  # re-cluster every R epochs [U]
+    source: str = "table"  # table: SampleTable of EMA keys | pass: full embedding pass (eval transform)
+    mode: str = "elim"  # elim (paper main results) | attr
+    warmup_epochs: int = 0  # epochs with acceptance 0 (instance discrimination only)
+    accept_start: float = 0.0  # acceptance after warm-up, rising linearly to accept_end at the last epoch [U]
+    accept_end: float = 1.0
+    per_cluster: bool = True  # top-a fraction per cluster [U] (False: globally)
+    confidence: str = "centroid"  # centroid: cos to own centroid | margin: nearest - second nearest [U]
+    hierarchy: str = "union"  # union: FN at ANY level (contract ifnd_valid) [U]
+    niter: int = 20
+    nredo: int = 1
+    seed: int = 0
+
+
+@dataclass
+class SePPCfg:
+    table_path: str = ""  # neighbour table written by `python -m fastcl.mining.sepp`
+    k: int = 5  # neighbours kept per image (at most)
+    threshold: float = 0.5  # minimum cosine [U]
+    rho: float = 0.5  # pair mode: probability that the key view comes from a semantic partner [U]
+    mode: str = "pair"  # pair | multi
+    mask_partners: bool = True  # known partners never act as negatives [U]
+
+
+@dataclass
+class SANECfg:
+    lam: float = 0.5  # weight of the momentum-mixup loss [U: Table 5 best]
+    tau_prime: float = 0.8  # SLR sharpening; teacher temperature = tau * tau_prime
+    mu_start: float = 0.0  # m1 of the cosine mu schedule
+    mu_end: float = 1.0  # m2
+    kappa: float = 2.0  # Beta(kappa, kappa) for the mixing coefficient
+    per_sample_theta: bool = True  # [U] one theta per query row (False: one per batch)
+
+
+@dataclass
+class OracleCfg:
+    mode: str = "elim"  # elim | attr, driven by TRUE labels (research upper bound; reads labels)
+
+
+@dataclass
+class MethodCfg:
+    name: str = "mocov2"  # simclr | mocov2 | sce | ifnd | sepp | sane | oracle
+    base: str = "mocov2"  # for ifnd/sepp/oracle: simclr | mocov2 (the candidate set they act on)
+    tau: float = 0.2  # student temperature
+    queue_size: int = 4096  # 0 = no queue
+    batch_negatives: bool = False  # other gathered batch keys are candidates too (SANE: True)
+    symmetric: bool = False  # both views act as query in turn (loss averaged)
+    ema: float = 0.99  # EMA momentum at step 0
+    ema_end: float = 0.99  # EMA momentum at the last step (cosine ramp; = ema for constant)
+    kernel: str = "auto"  # target kernels: auto | torch | numba
+    sce: SCECfg = field(default_factory=SCECfg)
+    ifnd: IFNDCfg = field(default_factory=IFNDCfg)
+    sepp: SePPCfg = field(default_factory=SePPCfg)
+    sane: SANECfg = field(default_factory=SANECfg)
+    oracle: OracleCfg = field(default_factory=OracleCfg)
+
+
+@dataclass
+class OptimCfg:
+    name: str = "sgd"  # sgd | lars
+    batch_size: int = 256  # GLOBAL batch (split over processes)
+    lr: float = 0.03  # at base_batch; scaled linearly with batch_size / base_batch
+    base_batch: int = 256  # 0 = no scaling
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0  # cosine floor, as a fraction of the peak lr
+    lars_eta: float = 0.001
+    clip_grad: float = 0.0  # >0: clip the global grad norm
+
+
+@dataclass
+class TrainerCfg:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    epochs: int = 1
+    max_steps: int = 0  # >0: stop after this many steps (schedules still span `epochs`)
+    log_every: int = 10  # steps between logged metrics (the only host sync of the hot path)
+    ckpt_every: int = 0  # steps between checkpoints (0: epoch ends only)
+    ckpt_keep: int = 3
+    resume: str = ""  # "" | auto | path to a checkpoint directory
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    compile: bool = False
+    channels_last: bool = True
+    cpu: bool = False  # force CPU even when a GPU is visible
+    progress: bool = True
+    skip_nonfinite: bool = False
+    knn_every: int = 1  # epochs between kNN monitor evaluations (0 = off)
+    knn_k: int = 200
+    knn_t: float = 0.1
+
+
+@dataclass
+class Config:
+    data: DataCfg = field(default_factory=DataCfg)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    method: MethodCfg = field(default_factory=MethodCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    trainer: TrainerCfg = field(default_factory=TrainerCfg)
+
+
+def _dataclass_keys(dc, prefix: str = "") -> list[str]:
+    """All dotted keys of a schema dataclass, e.g. ['optim.lr', ...]."""
+    out = []
+    for f in fields(dc):
+        key = f"{prefix}{f.name}"
+        out.append(key)
+        default = f.default_factory() if f.default_factory is not type(None) and callable(f.default_factory) else f.default  # noqa: E501
+        if is_dataclass(default):
+            out += _dataclass_keys(type(default), key + ".")
+        elif isinstance(default, list) and default and is_dataclass(default[0]):
+            out += _dataclass_keys(type(default[0]), key + ".*.")  # list of sections: views.0.size
+    return out
+
+
+ALL_KEYS = _dataclass_keys(Config)
+
+
+def _norm(key: str) -> str:
+    """'data.aug.views.1.size' -> 'data.aug.views.*.size' (list positions are wildcards)."""
+    return re.sub(r"\.\d+(?=\.|$)", ".*", key)
+
+
+def _unknown_key_error(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, ALL_KEYS, n=3, cutoff=0.5)
+    leaf = key.rsplit(".", 1)[-1]
+    close += [k for k in ALL_KEYS if k.rsplit(".", 1)[-1] == leaf and k not in close][:3]
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown config key {key!r} (from {where}){hint}")
+
+
+def _check_keys(node: Any, prefix: str, where: str) -> None:
+    """Walk a raw YAML/override tree and fail on the first key the schema does not have."""
+    if isinstance(node, (dict, DictConfig)):
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if _norm(key) not in ALL_KEYS:
+                raise _unknown_key_error(key, where)
+            _check_keys(v, key + ".", where)
+    elif isinstance(node, (list, ListConfig)):
+        for i, v in enumerate(node):
+            _check_keys(v, f"{prefix}{i}.", where)
+
+
+def _load_yaml(path: str, seen: tuple[str, ...] = ()) -> DictConfig:
+    """Load YAML, first merging the files listed under `defaults:` (relative to configs/ or to the file)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    if path in seen:
+        raise ConfigError(f"config defaults cycle: {' -> '.join(seen + (path,))}")
+    raw = OmegaConf.load(path)
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    merged = OmegaConf.create()
+    defaults = raw.pop("defaults", []) or []
+    for d in defaults:
+        cand = [os.path.join(os.path.dirname(path), d), os.path.join(_configs_root(path), d)]
+        cand = [c if c.endswith(".yaml") else c + ".yaml" for c in cand]
+        found = next((c for c in cand if os.path.isfile(c)), None)
+        if found is None:
+            raise ConfigError(f"{path}: defaults entry {d!r} not found (looked in {cand})")
+        merged = OmegaConf.merge(merged, _load_yaml(found, seen + (path,)))
+    _check_keys(raw, "", path)
+    return OmegaConf.merge(merged, raw)
+
+
+def _configs_root(path: str) -> str:
+    parts = os.path.abspath(path).split(os.sep)
+    if "configs" in parts:
+        return os.sep.join(parts[: len(parts) - parts[::-1].index("configs")])
+    return os.path.dirname(path)
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """['optim.lr=0.1', 'data.aug.views.0.size=64'] -> [(key, parsed YAML value), ...]; unknown keys fail."""
+    out = []
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override {o!r} must look like key=value (e.g. optim.lr=0.1)")
+        key, val = (x.strip() for x in o.split("=", 1))
+        if _norm(key) not in ALL_KEYS:
+            raise _unknown_key_error(key, "command line")
+        out.append((key, yaml.safe_load(val) if val else ""))
+    return out
+
+
+def _wrap(e: Exception, where: str) -> ConfigError:
+    key = str(getattr(e, "full_key", "") or "?")
+    if isinstance(e, (ConfigKeyError, ConfigAttributeError)):
+        return _unknown_key_error(key, where)
+    msg = getattr(e, "msg", str(e)).split("\n")[0]
+    return ConfigError(f"bad value for config key {key!r} (from {where}): {msg}")
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Schema defaults <- YAML (with defaults:) <- key=value overrides; typed, strict, validated."""
+    cfg = OmegaConf.structured(Config)
+    if path:
+        try:
+            cfg = OmegaConf.merge(cfg, _load_yaml(path))
+        except OmegaConfBaseException as e:
+            raise _wrap(e, path) from None
+    for key, val in parse_overrides(overrides or []):
+        try:
+            OmegaConf.update(cfg, key, val, merge=True)
+        except OmegaConfBaseException as e:
+            raise _wrap(e, "command line") from None
+    validate(cfg)
+    return cfg
+
+
+def _need(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+METHOD_NAMES = ("simclr", "mocov2", "sce", "ifnd", "sepp", "sane", "oracle")
+ARCHS = ("resnet18", "resnet34", "resnet50")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Value checks a type cannot express. Each failure names the key and the bad value."""
+    m, o, t, d, mo = cfg.method, cfg.optim, cfg.trainer, cfg.data, cfg.model
+    _need(m.name in METHOD_NAMES, "method.name", f"unknown method {m.name!r}; choose one of {list(METHOD_NAMES)}")
+    _need(m.base in ("simclr", "mocov2"), "method.base", f"{m.base!r} must be simclr or mocov2")
+    _need(mo.arch in ARCHS, "model.arch", f"unknown backbone {mo.arch!r}; choose one of {list(ARCHS)}")
+    _need(m.tau > 0, "method.tau", f"temperature must be > 0, got {m.tau}")
+    _need(m.queue_size >= 0, "method.queue_size", f"must be >= 0, got {m.queue_size}")
+    _need(0 <= m.ema <= 1 and 0 <= m.ema_end <= 1, "method.ema", "EMA momenta must lie in [0, 1]")
+    _need(m.kernel in ("auto", "torch", "numba"), "method.kernel", f"{m.kernel!r} not in auto|torch|numba")
+    _need(m.sce.tau_m > 0, "method.sce.tau_m", f"temperature must be > 0, got {m.sce.tau_m}")
+    _need(0 <= m.sce.lam <= 1, "method.sce.lam", f"must lie in [0, 1], got {m.sce.lam}")
+    _need(0 <= m.sane.lam <= 1, "method.sane.lam", f"must lie in [0, 1], got {m.sane.lam}")
+    _need(m.sane.tau_prime > 0, "method.sane.tau_prime", f"must be > 0, got {m.sane.tau_prime}")
+    _need(m.sane.kappa > 0, "method.sane.kappa", f"must be > 0, got {m.sane.kappa}")
+    _need(all(k > 1 for k in m.ifnd.levels) and len(m.ifnd.levels) > 0, "method.ifnd.levels",
+          f"need >= 1 cluster count, each > 1, got {list(m.ifnd.levels)}")
+    _need(m.ifnd.mode in ("elim", "attr"), "method.ifnd.mode", f"{m.ifnd.mode!r} not in elim|attr")
+    _need(m.ifnd.source in ("table", "pass"), "method.ifnd.source", f"{m.ifnd.source!r} not in table|pass")
+    _need(m.ifnd.confidence in ("centroid", "margin"), "method.ifnd.confidence", f"{m.ifnd.confidence!r}")
+    _need(m.ifnd.hierarchy in ("union",), "method.ifnd.hierarchy", f"{m.ifnd.hierarchy!r} not in union")
+    _need(m.ifnd.refresh_every >= 1, "method.ifnd.refresh_every", "must be >= 1")
+    _need(m.sepp.mode in ("pair", "multi"), "method.sepp.mode", f"{m.sepp.mode!r} not in pair|multi")
+    _need(0 <= m.sepp.rho <= 1, "method.sepp.rho", f"must lie in [0, 1], got {m.sepp.rho}")
+    _need(m.oracle.mode in ("elim", "attr"), "method.oracle.mode", f"{m.oracle.mode!r} not in elim|attr")
+    _need(o.name in ("sgd", "lars"), "optim.name", f"unknown optimizer {o.name!r}; choose sgd or lars")
+    _need(o.batch_size > 0, "optim.batch_size", f"must be > 0, got {o.batch_size}")
+    _need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    _need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _need(t.epochs > 0, "trainer.epochs", f"must be > 0, got {t.epochs}")
+    _need(t.log_every > 0, "trainer.log_every", f"must be > 0, got {t.log_every}")
+    _need(t.ckpt_keep >= 1, "trainer.ckpt_keep", f"must be >= 1, got {t.ckpt_keep}")
+    _need(t.precision in ("auto", "fp32", "bf16"), "trainer.precision", f"{t.precision!r} not in auto|fp32|bf16")
+    _need(t.knn_k > 0 and t.knn_t > 0, "trainer.knn_k", "kNN k and temperature must be > 0")
+    _need(mo.width >= 4 and mo.proj_dim > 0 and mo.proj_hidden > 0, "model.width", "sizes must be positive")
+    _need(mo.proj_layers >= 1, "model.proj_layers", f"must be >= 1, got {mo.proj_layers}")
+    _need(len(d.aug.views) >= 2, "data.aug.views", f"need at least 2 views, got {len(d.aug.views)}")
+    for i, v in enumerate(d.aug.views):
+        _need(v.size > 0, f"data.aug.views[{i}].size", f"must be > 0, got {v.size}")
+        _need(0 < v.scale[0] <= v.scale[1] <= 1, f"data.aug.views[{i}].scale", f"need 0 < min <= max <= 1, got {list(v.scale)}")
+    _need(d.backend == "synthetic" or bool(d.path), "data.path", f"backend {d.backend!r} needs data.path")
+    _need(d.num_samples > 0, "data.num_samples", f"must be > 0, got {d.num_samples}")
+
+
+def save_config(cfg: DictConfig, path: str) -> None:
+    OmegaConf.save(cfg, path, resolve=True)
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+__all__ = ["Config", "ConfigError", "load_config", "validate", "save_config", "to_yaml", "ALL_KEYS", "ListConfig"]

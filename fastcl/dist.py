@@ -1,0 +1,91 @@
+"""Collectives with single-process paths (DESIGN.md style rule 8).
+
+Every function works without torch.distributed initialised (world size 1) and is exercised by a
+2-process gloo test.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+@torch.no_grad()
+def gather(x: Tensor) -> Tensor:
+    """All-gather along dim 0, no gradient. [b, ...] per rank -> [W*b, ...] (rank order).
+
+    Requires equal per-rank sizes (loaders drop the incomplete global batch, so they are).
+    """
+    if not is_dist():
+        return x
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the incoming gradients over ranks and returns this rank's slice.
+
+    With DDP's gradient averaging this gives exactly the gradient of the global-batch mean loss
+    (SimCLR's negatives from other ranks contribute to this rank's gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous()
+        dist.all_reduce(g)
+        b = g.shape[0] // world_size()
+        return g[rank() * b:(rank() + 1) * b]
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """All-gather along dim 0 keeping the autograd graph. [b, ...] -> [W*b, ...]."""
+    return _GatherWithGrad.apply(x) if is_dist() else x
+
+
+def broadcast(x: Tensor, src: int = 0) -> Tensor:
+    """In-place broadcast from `src`; returns x. Identity on one process."""
+    if is_dist():
+        dist.broadcast(x, src)
+    return x
+
+
+def broadcast_object(obj, src: int = 0):
+    """Broadcast a picklable object (miner results, small metadata)."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src)
+    return box[0]
+
+
+def all_reduce_mean(x: Tensor) -> Tensor:
+    """Mean over ranks (for logging); returns a new tensor."""
+    if not is_dist():
+        return x
+    y = x.detach().clone()
+    dist.all_reduce(y)
+    return y / world_size()
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
