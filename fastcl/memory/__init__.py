@@ -1,0 +1,4 @@
+from fastcl.memory.feature_queue import FeatureQueue
+from fastcl.memory.sample_table import SampleTable
+
+__all__ = ["FeatureQueue", "SampleTable"]

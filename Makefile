@@ -1,0 +1,49 @@
+# Two entry points for a fresh machine (README): `make demo` and `make test`. Both are idempotent:
+# the venv, apt packages and pip installs are done once and stamped.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.fastcl-installed
+SAMPLE := data/extracted/cifar10_sample/.extracted
+APT_PKGS := pkg-config libturbojpeg0-dev libopencv-dev
+
+.PHONY: demo test install sample clean-runs
+
+install: $(STAMP)
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# FFCV builds from source against libturbojpeg/OpenCV headers; install them when missing (root or sudo).
+$(STAMP): pyproject.toml | $(PY)
+	@missing=$$(for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  sudo_cmd=""; [ "$$(id -u)" -ne 0 ] && sudo_cmd="sudo"; \
+	  echo "installing apt packages for FFCV: $$missing"; \
+	  $$sudo_cmd apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo_cmd apt-get install -y -qq --no-install-recommends $$missing >/dev/null \
+	  || echo "WARNING: could not install $$missing: the ffcv backend will be unavailable"; \
+	fi
+	# torch first and pinned: an unpinned torch next to its dependants pulls a CUDA build (GBs).
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev,dali]'
+	$(PIP) install -q setuptools wheel pkgconfig
+	$(PIP) install -q --no-build-isolation 'ffcv==1.0.2' 'opencv-python==5.0.0.93' \
+	  || echo "WARNING: ffcv did not build: the ffcv backend will be unavailable"
+	@touch $(STAMP)
+
+sample: $(SAMPLE)
+
+$(SAMPLE): data/cifar10_sample.tar.gz
+	mkdir -p data/extracted
+	tar xzf data/cifar10_sample.tar.gz -C data/extracted
+	@touch $(SAMPLE)
+
+demo: install sample
+	$(PY) -m fastcl.demo
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider --timeout 600 tests
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,99 @@
+"""Atomic, rotating checkpoints on top of accelerate's save_state / load_state.
+
+Layout: <run_dir>/checkpoints/step_00001234/ holding accelerate's files (model, optimizer, RNG states, and
+every object registered with `register_for_checkpointing`: train state, method state (queue, table, miner),
+EMA teacher) plus `fastcl_meta.json`, written last. A checkpoint is written under a `.tmp-` name and renamed
+when complete, so a crash mid-write never leaves a directory that looks finished.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+
+CKPT_DIR = "checkpoints"
+META = "fastcl_meta.json"
+
+
+class TrainState:
+    """Loop position: the next step to run, its epoch, and how many batches of that epoch are done."""
+
+    def __init__(self):
+        self.step = 0
+        self.epoch = 0
+        self.batches_done = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.step, self.epoch, self.batches_done = int(d["step"]), int(d["epoch"]), int(d["batches_done"])
+
+
+def list_checkpoints(run_dir: str) -> list[str]:
+    """Completed checkpoint directories, newest first."""
+    root = os.path.join(run_dir, CKPT_DIR)
+    if not os.path.isdir(root):
+        return []
+    names = sorted((n for n in os.listdir(root) if n.startswith("step_")), reverse=True)
+    return [os.path.join(root, n) for n in names if os.path.isfile(os.path.join(root, n, META))]
+
+
+def read_meta(path: str) -> dict:
+    with open(os.path.join(path, META)) as f:
+        return json.load(f)
+
+
+def save(accelerator, run_dir: str, state: TrainState, meta: dict, keep: int) -> str:
+    """Write a checkpoint of the current state (all ranks call this); returns its final path."""
+    root = os.path.join(run_dir, CKPT_DIR)
+    final = os.path.join(root, f"step_{state.step:08d}")
+    tmp = os.path.join(root, f".tmp-step_{state.step:08d}")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, META), "w") as f:
+            json.dump({**meta, **state.state_dict()}, f, indent=2)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in list_checkpoints(run_dir)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def check_compatible(meta: dict, expect: dict, path: str) -> None:
+    """Refuse a checkpoint written by another method / architecture (it would load silently wrong)."""
+    for key in ("method", "arch", "proj_dim", "width", "cifar_stem"):
+        if key in meta and key in expect and meta[key] != expect[key]:
+            raise ValueError(f"checkpoint {path} was written with {key}={meta[key]!r} but this run has "
+                             f"{key}={expect[key]!r}; resume it with the same config or start a new run_dir")
+
+
+def resolve_resume(run_dir: str, resume: str) -> list[str]:
+    """Candidate checkpoints to try, in order: trainer.resume = "" (none), "auto" (newest first), or a path."""
+    if not resume:
+        return []
+    if resume == "auto":
+        return list_checkpoints(run_dir)
+    if not os.path.isfile(os.path.join(resume, META)):
+        raise FileNotFoundError(f"trainer.resume: {resume} is not a complete fastcl checkpoint (no {META})")
+    return [resume]
+
+
+def load_first_good(accelerator, candidates: list[str], expect: dict) -> str | None:
+    """Load the newest checkpoint that loads; a damaged one is skipped with a warning. Returns its path."""
+    for path in candidates:
+        meta = read_meta(path)
+        check_compatible(meta, expect, path)
+        try:
+            accelerator.load_state(path)
+            return path
+        except Exception as e:  # noqa: BLE001 - any unreadable file means: fall back to the previous one
+            warnings.warn(f"checkpoint {path} could not be loaded ({type(e).__name__}: {e}); trying the previous one")
+    return None

@@ -1,0 +1,62 @@
+"""EMA (momentum) teacher: creation and in-place update.
+
+    teacher = make_teacher(student)              # once, before wrapping in DDP / compile is fine too
+    ema_update(teacher, student, m)              # every step, after optimizer.step()
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """Strip DDP / DataParallel (`.module`) and torch.compile (`._orig_mod`) wrappers, any nesting."""
+    while True:
+        if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            module = module.module
+        elif hasattr(module, "_orig_mod") and isinstance(module._orig_mod, nn.Module):
+            module = module._orig_mod
+        else:
+            return module
+
+
+def make_teacher(student: nn.Module) -> nn.Module:
+    """Deep copy of the (unwrapped) student with requires_grad False; same mode, device and dtype."""
+    teacher = copy.deepcopy(unwrap(student))
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+        p.grad = None  # deepcopy copies .grad too; a teacher never needs one
+    return teacher
+
+
+def _pairs(teacher, student, what: str):
+    """Student tensors aligned with the teacher's by name (the student may hold more, e.g. a predictor)."""
+    src = dict(student)
+    t_list, s_list = [], []
+    for name, t in teacher:
+        s = src.get(name)
+        if s is None:
+            raise KeyError(f"ema_update: teacher {what} {name!r} has no counterpart in the student")
+        t_list.append(t)
+        s_list.append(s)
+    return t_list, s_list
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """In place: teacher params <- m * teacher + (1 - m) * student; buffers (BN stats) <- student's.
+
+    Matching is by parameter name after unwrapping DDP/compile, so a DDP-wrapped student works and a
+    student with extra parameters (predictor) is fine. m = 1 leaves the teacher as is; m = 0 copies.
+    """
+    teacher, student = unwrap(teacher), unwrap(student)
+    t_p, s_p = _pairs(teacher.named_parameters(), student.named_parameters(), "parameter")
+    if t_p:
+        # One fused multi-tensor kernel per op instead of ~2 launches per parameter (160 for ResNet-50).
+        torch._foreach_mul_(t_p, momentum)
+        torch._foreach_add_(t_p, s_p, alpha=1.0 - momentum)
+    t_b, s_b = _pairs(teacher.named_buffers(), student.named_buffers(), "buffer")
+    if t_b:
+        torch._foreach_copy_(t_b, s_b)

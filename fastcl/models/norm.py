@@ -1,0 +1,120 @@
+"""Batch norm over the GLOBAL batch for multi-process runs, on GPU and on CPU.
+
+torch.nn.SyncBatchNorm only runs on CUDA ("expected input tensor to be on GPU"), but the 2-process gloo
+tests and CPU demos need the same semantics. `convert_sync_bn` therefore picks SyncBatchNorm for CUDA
+modules and `AllReduceBatchNorm` (below) for CPU ones. Both keep BN's parameter/buffer names
+(weight, bias, running_mean, running_var, num_batches_tracked), so checkpoints load into either.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from fastcl.dist import is_dist
+
+
+class AllReduceBatchNorm(_BatchNorm):
+    """BatchNorm{1,2,3}d whose training statistics cover the batches of all processes.
+
+    Input [N, C, *] -> same shape. In training mode with torch.distributed initialised, each process
+    contributes (count, sum, sum of squares) per channel through one autograd-aware all_reduce, so the
+    outputs and input gradients equal those of one process running plain BN over the concatenated batch
+    (per-process batch sizes may differ). Eval mode, or no process group, is plain BN.
+
+    The per-channel sums travel in float64, built from each process's own (Welford) mean/variance:
+    E[x^2] - E[x]^2 in float32 loses the variance when |mean| >> std.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.process_group = process_group
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected an input of shape [N, C, *], got {tuple(x.shape)}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and is_dist()):
+            return super().forward(x)
+        self._check_input_dim(x)
+        c = x.shape[1]
+        dims = [0, *range(2, x.dim())]
+        n = x.numel() // c if c else 0
+        xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        if n > 0:
+            var_l, mean_l = torch.var_mean(xs, dim=dims, correction=0)
+        else:
+            # An empty shard still joins the collective, and its zeros keep the graph so that this
+            # process also joins the all_reduce of the backward pass.
+            var_l = mean_l = xs.sum(dim=dims)
+        m = mean_l.double()
+        packed = torch.cat([m * n, (var_l.double() + m * m) * n, m.new_full((1,), float(n))])
+        packed = dist_nn.all_reduce(packed, group=self.process_group or dist.group.WORLD)
+        total = packed[2 * c]
+        mean = packed[:c] / total
+        var = (packed[c:2 * c] / total - mean * mean).clamp_min(0.0)  # biased, as used to normalise
+
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                # Same update as torch's BN: the running variance is the unbiased one.
+                unbiased = var * total / (total - 1).clamp_min(1.0)
+                self.running_mean.mul_(1 - f).add_(mean.to(self.running_mean.dtype), alpha=f)
+                self.running_var.mul_(1 - f).add_(unbiased.to(self.running_var.dtype), alpha=f)
+
+        scale = torch.rsqrt(var + self.eps)
+        shift = -mean * scale
+        if self.affine:
+            scale = scale * self.weight
+            shift = shift * self.weight + self.bias
+        shape = [1, c] + [1] * (x.dim() - 2)
+        # x * s + b keeps x's memory format (channels_last stays channels_last).
+        return x * scale.to(x.dtype).view(shape) + shift.to(x.dtype).view(shape)
+
+
+_PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _to_allreduce_bn(module: nn.Module, process_group) -> nn.Module:
+    """Recursively swap plain BatchNorm layers for AllReduceBatchNorm, sharing their tensors."""
+    out = module
+    if isinstance(module, _PLAIN_BN) and not isinstance(module, (nn.SyncBatchNorm, AllReduceBatchNorm)):
+        out = AllReduceBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                 module.track_running_stats, process_group)
+        # Share, do not copy: an optimizer or EMA already holding these Parameters stays valid.
+        if module.affine:
+            out.weight, out.bias = module.weight, module.bias
+        out.running_mean, out.running_var = module.running_mean, module.running_var
+        out.num_batches_tracked = module.num_batches_tracked
+        out.train(module.training)
+    for name, child in module.named_children():
+        out.add_module(name, _to_allreduce_bn(child, process_group))
+    return out
+
+
+def convert_sync_bn(module: nn.Module, process_group=None) -> nn.Module:
+    """BN statistics over the global batch. Returns the module (converted in place where possible).
+
+    One process (or no torch.distributed): returned unchanged. CUDA module: torch's SyncBatchNorm.
+    CPU module: AllReduceBatchNorm. The device is read from the module's tensors, so convert after
+    moving the model to its device.
+    """
+    if not is_dist():
+        return module
+    ws = dist.get_world_size(process_group) if process_group is not None else dist.get_world_size()
+    if ws == 1:
+        return module
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
+    if first is not None and first.device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+    return _to_allreduce_bn(module, process_group)
+
+
+__all__ = ["AllReduceBatchNorm", "convert_sync_bn"]

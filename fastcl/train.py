@@ -1,0 +1,272 @@
+"""fastcl trainer entry point.
+
+    accelerate launch fastcl/train.py --config configs/exp/cifar10_mocov2.yaml optim.lr=0.06 trainer.epochs=5
+    python fastcl/train.py --config configs/test/tiny.yaml --resume auto
+
+The loop is explicit (DESIGN.md rule 2): setup -> for epoch: method epoch hook, for batch: train_step, log,
+checkpoint -> epoch end: kNN monitor, checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":
+    # `python fastcl/train.py` / `accelerate launch fastcl/train.py` put fastcl/ itself first on sys.path;
+    # remove it so our module names (config, optim, models, ...) can never shadow a dependency's modules.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _here]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from fastcl import checkpoint as ckpt  # noqa: E402
+from fastcl import dist  # noqa: E402
+from fastcl.config import ConfigError, load_config, save_config  # noqa: E402
+from fastcl.methods import build_method  # noqa: E402
+from fastcl.models import build_encoder, build_predictor, convert_sync_bn, make_teacher  # noqa: E402
+from fastcl.optim import build_optimizer, set_lr_wd  # noqa: E402
+from fastcl.pipelines import build_loader  # noqa: E402
+from fastcl.schedules import build_schedules  # noqa: E402
+from fastcl.step import StepParts, Student, train_step  # noqa: E402
+
+
+class SetupError(RuntimeError):
+    """A problem found before training starts (bad data path, sizes, checkpoint): reported as one line."""
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="fastcl/train.py", description="Self-supervised contrastive pretraining")
+    ap.add_argument("--config", help="YAML config (see configs/); schema defaults if omitted")
+    ap.add_argument("--resume", help="'auto' (newest checkpoint in trainer.run_dir) or a checkpoint directory")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=0.1")
+    return ap.parse_args(argv)
+
+
+def make_accelerator(cfg):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    use_cpu = cfg.trainer.cpu or not torch.cuda.is_available()
+    proj = ProjectConfiguration(project_dir=cfg.trainer.run_dir, logging_dir=os.path.join(cfg.trainer.run_dir, "tb"))
+    # Mixed precision is applied explicitly in step.py (forward only; targets and CE stay fp32).
+    return Accelerator(cpu=use_cpu, log_with="tensorboard", project_config=proj)
+
+
+def resolve_precision(cfg, device: torch.device) -> str:
+    p = cfg.trainer.precision
+    return ("bf16" if device.type == "cuda" else "fp32") if p == "auto" else p
+
+
+def _flat(cfg) -> dict:
+    """Flat primitive dict of the config for TensorBoard's hparams."""
+    out = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
+class KnnMonitor:
+    """kNN top-1 of the backbone on a labelled held-out split (rank 0 computes, result broadcast)."""
+
+    def __init__(self, cfg, is_main: bool):
+        self.enabled = bool(cfg.data.eval_path) and cfg.trainer.knn_every > 0
+        self.k, self.t = cfg.trainer.knn_k, cfg.trainer.knn_t
+        self.data = None
+        if self.enabled and is_main:
+            from fastcl.pipelines.eval_data import eval_tensors
+            bank_path = cfg.data.eval_train_path or cfg.data.path
+            self.data = (eval_tensors(bank_path, cfg.data.aug, workers=cfg.data.workers),
+                         eval_tensors(cfg.data.eval_path, cfg.data.aug, workers=cfg.data.workers))
+
+    def __call__(self, backbone) -> float:
+        from fastcl.eval.knn import extract_features, knn_top1
+        acc = None
+        if self.data is not None:
+            (xtr, ytr, _), (xte, yte, _) = self.data
+            acc = knn_top1(extract_features(backbone, xtr), ytr, extract_features(backbone, xte), yte, self.k, self.t)
+        return dist.broadcast_object(acc)
+
+
+def setup(cfg, accelerator):
+    """Everything before the loop; every user error here raises SetupError/ConfigError with one clear line."""
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    o, t = cfg.optim, cfg.trainer
+    if o.batch_size % world:
+        raise ConfigError(f"optim.batch_size={o.batch_size} is not divisible by the {world} processes")
+    candidates = ckpt.resolve_resume(t.run_dir, t.resume)
+    if not t.resume and ckpt.list_checkpoints(t.run_dir):
+        raise SetupError(f"trainer.run_dir={t.run_dir} already holds checkpoints; pass --resume auto to continue "
+                         f"it or choose another trainer.run_dir")
+    if t.resume and t.resume != "auto" and not candidates:
+        raise SetupError(f"trainer.resume={t.resume}: no checkpoint found")
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    try:
+        loader = build_loader(cfg, rank, world, device)
+    except (FileNotFoundError, ValueError) as e:
+        raise SetupError(f"data: {e}") from None
+    n = loader.num_samples
+    if len(loader) == 0:
+        raise SetupError(f"data: {n} samples give no full global batch of optim.batch_size={o.batch_size}")
+    if cfg.method.queue_size > n:
+        raise ConfigError(f"method.queue_size={cfg.method.queue_size} is larger than the dataset ({n} samples): "
+                          f"the queue would hold duplicates of the same images")
+    encoder, predictor = build_encoder(cfg.model), build_predictor(cfg.model)
+    student = convert_sync_bn(Student(encoder, predictor)) if cfg.model.sync_bn else Student(encoder, predictor)
+    method = build_method(cfg, n, cfg.model.proj_dim)
+    teacher = None if method.inbatch else make_teacher(student.encoder)
+    memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+    student = student.to(device, memory_format=memory_format)
+    teacher = teacher.to(device, memory_format=memory_format) if teacher is not None else None
+    method = method.to(device)
+    optimizer = build_optimizer(cfg, student)
+    if t.compile:
+        student = torch.compile(student)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    spe = len(loader)
+    sched = {**build_schedules(cfg, spe), **method.schedules(t.epochs * spe, spe)}
+    state = ckpt.TrainState()
+    accelerator.register_for_checkpointing(state, method, *([teacher] if teacher is not None else []))
+    expect = {"method": cfg.method.name, "arch": cfg.model.arch, "proj_dim": cfg.model.proj_dim,
+              "width": cfg.model.width, "cifar_stem": cfg.model.cifar_stem}
+    resumed = None
+    if candidates:
+        resumed = ckpt.load_first_good(accelerator, candidates, expect)
+        if resumed is None:
+            raise SetupError(f"trainer.resume={t.resume}: none of {len(candidates)} checkpoints could be loaded")
+    parts = StepParts(student, teacher, method, optimizer, accelerator, resolve_precision(cfg, device),
+                      t.channels_last, o.clip_grad)
+    return parts, loader, sched, state, expect, resumed
+
+
+def _skip(loader, state: ckpt.TrainState):
+    """Iterator over the rest of the current epoch: resumes at state.batches_done without redoing work."""
+    if state.batches_done and hasattr(loader, "load_state_dict"):
+        loader.load_state_dict({"epoch": state.epoch, "batches_done": state.batches_done})
+        return iter(loader)
+    it = iter(loader)
+    for _ in range(state.batches_done):  # backends without a position state: draw and discard
+        next(it)
+    return it
+
+
+def train(cfg) -> dict:
+    """Run (or resume) one pretraining run. Returns final metrics."""
+    accelerator = make_accelerator(cfg)
+    is_main, t = accelerator.is_main_process, cfg.trainer
+    parts, loader, sched, state, expect, resumed = setup(cfg, accelerator)
+    spe, total = len(loader), t.epochs * len(loader)
+    last_step = min(total, t.max_steps) if t.max_steps > 0 else total
+    gbatch = cfg.optim.batch_size
+    if is_main:
+        os.makedirs(t.run_dir, exist_ok=True)
+        save_config(cfg, os.path.join(t.run_dir, "config.yaml"))
+    accelerator.init_trackers("fastcl", config=_flat(cfg))
+    metrics_path = os.path.join(t.run_dir, "metrics.jsonl")
+    knn = KnnMonitor(cfg, is_main)
+    result = {"knn_top1": None, "knn_init": None}
+
+    def log(record: dict):
+        record = {k: (float(v) if torch.is_tensor(v) else v) for k, v in record.items()}
+        if is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+
+    def monitor(epoch: int):
+        if not knn.enabled:
+            return
+        acc = knn(accelerator.unwrap_model(parts.student).encoder.backbone)
+        result["knn_top1"] = acc
+        if result["knn_init"] is None:
+            result["knn_init"] = acc
+        log({"step": state.step, "epoch": epoch, "knn_top1": acc})
+
+    def save_ckpt():
+        ckpt.save(accelerator, t.run_dir, state, expect, t.ckpt_keep)
+
+    if resumed is None:
+        monitor(0)  # the same network at random initialisation: the baseline the run must beat
+    elif is_main:
+        print(f"resumed from {resumed} at step {state.step} (epoch {state.epoch}, batch {state.batches_done})")
+    from tqdm import tqdm
+    bar = tqdm(total=last_step, initial=state.step, disable=not (is_main and t.progress), dynamic_ncols=True,
+               desc=f"{cfg.method.name}")
+    window_t, window_steps = time.perf_counter(), 0
+    while state.step < last_step:
+        loader.set_epoch(state.epoch)
+        if state.batches_done == 0:
+            hook_logs = parts.method.on_epoch_start(state.epoch, parts)
+            if hook_logs:
+                log({"step": state.step, "epoch": state.epoch, **hook_logs})
+        for batch in _skip(loader, state):
+            sc = {k: v[state.step] for k, v in sched.items()}
+            set_lr_wd(parts.optimizer, float(sc["lr"]), float(sc["wd"]))
+            logs = train_step(parts, batch, sc, state.step)
+            state.step += 1
+            state.batches_done += 1
+            window_steps += 1
+            bar.update(1)
+            if state.step % t.log_every == 0 or state.step == last_step:
+                loss = float(dist.all_reduce_mean(logs["loss"]))  # host sync: the only one of the hot path
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {loss} at step {state.step}; last good checkpoint "
+                                             f"is kept in {t.run_dir}/checkpoints")
+                now = time.perf_counter()
+                ips = window_steps * gbatch / max(now - window_t, 1e-9)
+                window_t, window_steps = now, 0
+                rec = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": float(sc["lr"]),
+                       "img_per_s": ips, **{k: v for k, v in logs.items() if k != "loss"}}
+                log(rec)
+                result["final_loss"] = loss
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{float(sc['lr']):.3g}", img_s=f"{ips:.0f}")
+            if t.ckpt_every and state.step % t.ckpt_every == 0 and state.step < last_step:
+                save_ckpt()
+            if state.step >= last_step:
+                break
+        if state.batches_done >= spe:  # epoch finished (not cut short by max_steps)
+            state.epoch, state.batches_done = state.epoch + 1, 0
+            if t.knn_every and state.epoch % t.knn_every == 0:
+                monitor(state.epoch)
+        save_ckpt()
+    bar.close()
+    if knn.enabled and (result["knn_top1"] is None or state.epoch % max(t.knn_every, 1)):
+        monitor(state.epoch)
+    accelerator.end_training()
+    result["steps"] = state.step
+    if is_main:
+        with open(os.path.join(t.run_dir, "result.json"), "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides) + ([f"trainer.resume={args.resume}"] if args.resume else [])
+    try:
+        cfg = load_config(args.config, overrides)
+        result = train(cfg)
+    except (ConfigError, SetupError) as e:
+        if os.environ.get("FASTCL_DEBUG"):
+            raise
+        print(f"fastcl: error: {e}", file=sys.stderr)
+        return 2
+    if dist.rank() == 0:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
