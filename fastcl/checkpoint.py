@@ -97,3 +97,43 @@ def load_first_good(accelerator, candidates: list[str], expect: dict) -> str | N
         except Exception as e:  # noqa: BLE001 - any unreadable file means: fall back to the previous one
             warnings.warn(f"checkpoint {path} could not be loaded ({type(e).__name__}: {e}); trying the previous one")
     return None
+
+
+def find_checkpoint(path: str) -> str:
+    """A checkpoint directory from either a checkpoint directory or a run directory (its newest one)."""
+    if os.path.isfile(os.path.join(path, META)):
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"{path} is neither a fastcl checkpoint nor a run directory with checkpoints")
+    return found[0]
+
+
+def load_encoder(path: str, which: str = "student"):
+    """(encoder, cfg) of a run or checkpoint directory, on CPU, in eval mode.
+
+    which: "student" (online encoder: backbone + projector) or "teacher" (the EMA encoder, when the method
+    has one; it is registered as the last custom checkpoint object).
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from fastcl.config import load_config
+    from fastcl.models import build_encoder
+
+    ck = find_checkpoint(path)
+    cfg_path = os.path.join(ck, os.pardir, os.pardir, "config.yaml")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{cfg_path} (the run's resolved config) is missing next to checkpoint {ck}")
+    cfg = load_config(cfg_path)
+    enc = build_encoder(cfg.model)
+    if which == "teacher":
+        customs = sorted(n for n in os.listdir(ck) if n.startswith("custom_checkpoint_"))
+        if len(customs) < 3:
+            raise ValueError(f"{ck} has no EMA teacher (method {cfg.method.name!r} trains without one)")
+        state = torch.load(os.path.join(ck, customs[-1]), map_location="cpu", weights_only=True)
+    else:
+        full = load_file(os.path.join(ck, "model.safetensors"))
+        state = {k[len("encoder."):]: v for k, v in full.items() if k.startswith("encoder.")}
+    enc.load_state_dict(state)
+    return enc.eval(), cfg

@@ -99,7 +99,9 @@ def inbatch_loss(parts: StepParts, batch: Batch, ids_all: Tensor, sc: dict) -> t
     """SimCLR layout: rows = this rank's 2B views, columns = all 2WB gathered views (with gradient)."""
     method, views = parts.method, batch.views
     b, r = views[0].shape[0], dist.rank()
-    z1, z2 = _embed(parts.student, views[0], parts), _embed(parts.student, views[1], parts)
+    # One forward over both views (as SimCLR does): BN statistics over the 2B images, and one forward per
+    # backward keeps DDP's gradient reduction exact (two forwards before one backward drifted on 2 ranks).
+    z1, z2 = _embed(parts.student, torch.cat([views[0], views[1]]), parts).split(b)
     c1, c2 = dist.gather_with_grad(z1), dist.gather_with_grad(z2)  # [WB, D] each, gradients flow back
     wb = c1.shape[0]
     cols = torch.cat([c1, c2])  # [2WB, D]

@@ -123,14 +123,12 @@ def setup(cfg, accelerator):
     if cfg.method.queue_size > n:
         raise ConfigError(f"method.queue_size={cfg.method.queue_size} is larger than the dataset ({n} samples): "
                           f"the queue would hold duplicates of the same images")
-    encoder, predictor = build_encoder(cfg.model), build_predictor(cfg.model)
-    student = convert_sync_bn(Student(encoder, predictor)) if cfg.model.sync_bn else Student(encoder, predictor)
-    method = build_method(cfg, n, cfg.model.proj_dim)
-    teacher = None if method.inbatch else make_teacher(student.encoder)
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
-    student = student.to(device, memory_format=memory_format)
-    teacher = teacher.to(device, memory_format=memory_format) if teacher is not None else None
-    method = method.to(device)
+    student = Student(build_encoder(cfg.model), build_predictor(cfg.model)).to(device, memory_format=memory_format)
+    if cfg.model.sync_bn:  # after .to(device): SyncBatchNorm on CUDA, an all-reduce BN on CPU (gloo)
+        student = convert_sync_bn(student)
+    method = build_method(cfg, n, cfg.model.proj_dim).to(device)
+    teacher = None if method.inbatch else make_teacher(student.encoder)
     optimizer = build_optimizer(cfg, student)
     if t.compile:
         student = torch.compile(student)
@@ -208,7 +206,7 @@ def train(cfg) -> dict:
     while state.step < last_step:
         loader.set_epoch(state.epoch)
         if state.batches_done == 0:
-            hook_logs = parts.method.on_epoch_start(state.epoch, parts)
+            hook_logs = parts.method.on_epoch_start(state.epoch, parts, loader)
             if hook_logs:
                 log({"step": state.step, "epoch": state.epoch, **hook_logs})
         for batch in _skip(loader, state):

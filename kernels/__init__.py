@@ -1,0 +1,116 @@
+"""Fast label-assignment kernels (installed as ``fastcl.kernels``), dispatching to numba CPU / numba.cuda / torch.
+
+Same signatures as the contract functions in ``fastcl.objectives`` plus a keyword ``backend``:
+
+* ``"torch"``: the reference (``fastcl.kernels.reference`` = ``fastcl.objectives.targets``), any device.
+* ``"numba"``: ``fastcl.kernels.cuda`` for CUDA tensors, ``fastcl.kernels.cpu`` for CPU tensors (raises if the
+  tensor's device has no numba kernel, e.g. CUDA tensors without a usable ``numba.cuda``).
+* ``"auto"`` (default): the CUDA kernel for CUDA tensors when ``numba.cuda.is_available()``; the numba CPU kernel
+  for CPU tensors of at least ``NUMBA_CPU_MIN_ELEMENTS`` entries (below that the first call's cache load and the
+  thread-pool launch cost more than torch spends); torch otherwise (no numba, other devices, small inputs).
+
+``numba.cuda`` is imported only when a CUDA tensor arrives, so the CPU path never touches it (and
+``NUMBA_ENABLE_CUDASIM`` set in one test process cannot leak into another).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+from types import ModuleType
+
+from torch import Tensor
+
+from fastcl.kernels import reference
+
+__all__ = ["sce_target", "slr_target", "ifnd_valid", "ifnd_attraction_target", "choose_backend",
+           "NUMBA_CPU_MIN_ELEMENTS", "BACKENDS"]
+
+BACKENDS = ("auto", "torch", "numba")
+# 256 x 1,024: here (2 cores) numba wins from roughly this size; far below it torch's few small ops are cheaper
+# than a parallel launch. Measured, see docs/BENCHMARKS.md "Kernels".
+NUMBA_CPU_MIN_ELEMENTS = 1 << 18
+
+
+@functools.lru_cache(maxsize=None)
+def _numba_installed() -> bool:
+    return importlib.util.find_spec("numba") is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_usable() -> bool:
+    """numba.cuda importable and a CUDA device visible to it (imported here, on first CUDA tensor only)."""
+    if not _numba_installed():
+        return False
+    try:
+        from numba import cuda
+        return bool(cuda.is_available())
+    except Exception:  # numba-cuda missing or its driver bindings broken: fall back to torch
+        return False
+
+
+def choose_backend(backend: str, t: Tensor) -> str:
+    """Resolve ``backend`` for tensor ``t`` to one of "torch", "cpu" (numba njit), "cuda" (numba.cuda)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    dev = t.device.type
+    if backend == "numba":
+        if dev == "cuda":
+            if not _cuda_usable():
+                raise RuntimeError("backend='numba' on a CUDA tensor needs numba-cuda with a visible GPU")
+            return "cuda"
+        if dev == "cpu":
+            if not _numba_installed():
+                raise RuntimeError("backend='numba' needs numba installed")
+            return "cpu"
+        raise RuntimeError(f"backend='numba' has no kernel for device {dev!r}")
+    if dev == "cuda":
+        return "cuda" if _cuda_usable() else "torch"
+    if dev == "cpu" and _numba_installed() and t.numel() >= NUMBA_CPU_MIN_ELEMENTS:
+        return "cpu"
+    return "torch"
+
+
+def _impl(kind: str) -> ModuleType:
+    if kind == "cuda":
+        from fastcl.kernels import cuda
+        return cuda
+    if kind == "cpu":
+        from fastcl.kernels import cpu
+        return cpu
+    return reference
+
+
+def sce_target(teacher_sims: Tensor, pos: Tensor, lam: float | Tensor, tau_m: float | Tensor,
+               valid: Tensor | None = None, *, self_logit: float | None = None, backend: str = "auto") -> Tensor:
+    """SCE target [B, C] fp32 (see ``fastcl.objectives.targets.sce_target``) on the chosen backend."""
+    impl = _impl(choose_backend(backend, teacher_sims))
+    return impl.sce_target(teacher_sims, pos, lam, tau_m, valid, self_logit=self_logit)
+
+
+def slr_target(teacher_sims: Tensor, pos: Tensor, mu: float | Tensor, temperature: float | Tensor,
+               valid: Tensor | None = None, *, backend: str = "auto") -> Tensor:
+    """SLR refined label [B, C] fp32 (see ``fastcl.objectives.targets.slr_target``) on the chosen backend."""
+    impl = _impl(choose_backend(backend, teacher_sims))
+    return impl.slr_target(teacher_sims, pos, mu, temperature, valid)
+
+
+def _label_backend(backend: str, pos: Tensor, row_labels: Tensor, col_labels: Tensor) -> str:
+    # The decision needs a [B, C]-sized tensor: describe the mask by a zero-stride view of that shape.
+    shape_proxy = col_labels.new_empty(()).expand(row_labels.shape[-1], col_labels.shape[-1])
+    return choose_backend(backend, shape_proxy)
+
+
+def ifnd_valid(pos: Tensor, row_labels: Tensor, col_labels: Tensor, valid: Tensor | None = None, *,
+               backend: str = "auto") -> Tensor:
+    """IFND elimination mask [B, C] bool (see ``fastcl.objectives.targets.ifnd_valid``) on the chosen backend."""
+    impl = _impl(_label_backend(backend, pos, row_labels, col_labels))
+    return impl.ifnd_valid(pos, row_labels, col_labels, valid)
+
+
+def ifnd_attraction_target(pos: Tensor, row_labels: Tensor, col_labels: Tensor, valid: Tensor | None = None, *,
+                           backend: str = "auto") -> Tensor:
+    """IFND attraction target [B, C] fp32 (see ``fastcl.objectives.targets``) on the chosen backend."""
+    impl = _impl(_label_backend(backend, pos, row_labels, col_labels))
+    return impl.ifnd_attraction_target(pos, row_labels, col_labels, valid)

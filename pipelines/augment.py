@@ -100,6 +100,28 @@ def rrc_params(n: int, heights: Tensor, widths: Tensor, spec: ViewSpec, generato
     return box.float()
 
 
+def rrc_box(height: int, width: int, spec: ViewSpec, generator: torch.Generator) -> tuple[int, int, int, int]:
+    """One box (y0, x0, h, w): `rrc_params(1, ...)` in plain Python (same draws, same result), ~10x cheaper
+    per call, for the per-sample worker path."""
+    s0, s1 = float(spec.scale[0]), float(spec.scale[1])
+    lr0, lr1 = math.log(float(spec.ratio[0])), math.log(float(spec.ratio[1]))
+    area = float(height * width)
+    for ua, ur, uy, ux in torch.rand(10, 4, generator=generator, dtype=torch.float64).tolist():
+        a = area * (s0 + (s1 - s0) * ua)
+        aspect = math.exp(lr0 + (lr1 - lr0) * ur)
+        w, h = round(math.sqrt(a * aspect)), round(math.sqrt(a / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return min(int(uy * (height - h + 1)), height - h), min(int(ux * (width - w + 1)), width - w), h, w
+    in_ratio = width / height
+    if in_ratio < math.exp(lr0):
+        w, h = width, round(width / math.exp(lr0))
+    elif in_ratio > math.exp(lr1):
+        w, h = round(height * math.exp(lr1)), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
 def crop_resize(images: Tensor, boxes: Tensor, size: int) -> Tensor:
     """Crop each image to its box and resize to size x size in ONE batched bilinear grid_sample
     (align_corners=False, no antialiasing: meant for small images such as CIFAR, where crops are upsampled).
@@ -191,10 +213,10 @@ def _apply(x: Tensor, mask: Tensor, fn, *params: Tensor) -> None:
     if idx.numel() == 0:
         return
     if idx.numel() == x.shape[0]:
-        x.copy_(fn(x, *(p.view(-1, 1, 1, 1) for p in params)))
+        x.copy_(fn(x, *(p.reshape(-1, 1, 1, 1) for p in params)))
         return
     di = host_to_device(idx, x.device)
-    sub = fn(x.index_select(0, di), *(p.index_select(0, di).view(-1, 1, 1, 1) for p in params))
+    sub = fn(x.index_select(0, di), *(p.index_select(0, di).reshape(-1, 1, 1, 1) for p in params))
     x.index_copy_(0, di, sub)
 
 
@@ -233,7 +255,7 @@ def color_ops(x: Tensor, spec: ViewSpec, generator: torch.Generator) -> Tensor:
     factors = host_to_device(lo + (hi - lo) * u[:, 1:5], x.device)  # [B,4]
     order = u[:, 5:9].argsort(dim=1)  # [B,4] a random permutation of the 4 ops per sample
     jitter = u[:, 0] < spec.jitter_p
-    x = x.float().clone()  # ops below work in place on our own copy
+    x = x.to(torch.float32, copy=True)  # the ops below work in place on our own copy
     for k in range(4):
         for o, fn in enumerate(_JITTER_OPS):
             if strength[o] > 0:

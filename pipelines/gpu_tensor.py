@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from fastcl.pipelines.augment import (as_view_spec, crop_resize, device_stage, flip, host_to_device, rrc_params,
-                                      seed_for)
+from fastcl.pipelines.augment import as_view_spec, crop_resize, device_stage, flip, host_to_device, rrc_params
 from fastcl.pipelines.batch import Batch, register
 from fastcl.pipelines.folder import decode_uint8, image_size, resize_center_crop, scan_folder, split_path
-from fastcl.pipelines.torch_loader import DEVICE_STREAM, ShardBatchSampler
+from fastcl.pipelines.torch_loader import ShardBatchSampler, ShardedLoader
 
 
 def decode_folder(paths: list[str], side_if_mixed: int, workers: int = 2) -> torch.Tensor:
@@ -30,7 +29,7 @@ def decode_folder(paths: list[str], side_if_mixed: int, workers: int = 2) -> tor
                         (side_if_mixed, side_if_mixed), workers)
 
 
-class GPUTensorLoader:
+class GPUTensorLoader(ShardedLoader):
     """Loader protocol over a folder held in device memory (see module docstring)."""
 
     def __init__(self, path: str, views: list, mean, std, batch_size: int, rank: int = 0, world: int = 1,
@@ -48,36 +47,19 @@ class GPUTensorLoader:
         self.sampler = ShardBatchSampler(self.num_samples, batch_size, rank, world, seed, shuffle, drop_last)
         self.batches_done = 0
 
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.sampler.epoch:
-            self.batches_done = 0
-        self.sampler.set_epoch(epoch)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.sampler.epoch, "batches_done": self.batches_done}
-
-    def load_state_dict(self, state: dict) -> None:
-        """The next __iter__ continues epoch `state['epoch']` after its first `batches_done` batches."""
-        self.sampler.epoch = int(state["epoch"])
-        self.sampler.skip = self.batches_done = int(state["batches_done"])
-
     def __iter__(self):
         start, batches = self.sampler.take_batches()
         self.batches_done = start
-        epoch, dev = self.sampler.epoch, self.device
+        dev = self.device
         _, _, H, W = self.images.shape
         for k, ids in enumerate(batches, start=start):
             self.batches_done = k + 1
-            g = torch.Generator().manual_seed(seed_for(self.seed, epoch, self.rank, k, DEVICE_STREAM))
+            g = self.batch_generator(k)
             ids_dev = host_to_device(ids, dev)
             imgs = self.images.index_select(0, ids_dev)  # uint8 [B,3,H,W]
-            hw = torch.tensor([H], dtype=torch.float32)
             out = []
             for spec in self.views:
-                x = crop_resize(imgs, rrc_params(len(ids), hw, hw.new_tensor([W]), spec, g), spec.size)
+                x = crop_resize(imgs, rrc_params(len(ids), torch.tensor(H), torch.tensor(W), spec, g), spec.size)
                 x = flip(x, spec.flip_p, g)
                 out.append(device_stage(x, spec, self.mean, self.std, g))
             yield Batch(tuple(out), ids_dev, self._labels_dev.index_select(0, ids_dev))

@@ -1,9 +1,9 @@
 """`synthetic` backend: generated images for compute-only benchmarks and tests (no files, no decoding).
 
 Sample `id` (label `id % num_classes`) is a fixed image: 0.6 * a smooth colour pattern of its class (a random
-4x4 colour grid per class, upsampled) + 0.4 * noise hashed from (id, pixel), so a kNN monitor has something to
-learn. A view adds a per-sample random brightness factor and horizontal flip. Everything is generated per batch
-with a few elementwise torch ops directly on the device, so the loader costs next to nothing.
+4x4 colour grid per class, upsampled) + 0.4 * noise hashed from (id, 4x4-pixel cell), so a kNN monitor has
+something to learn. A view adds a per-sample random brightness factor and horizontal flip. Everything is
+generated per batch with a few elementwise torch ops directly on the device, so the loader costs next to nothing.
 """
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastcl.pipelines.augment import as_view_spec, flip, host_to_device, normalize, seed_for
+from fastcl.pipelines.augment import as_view_spec, host_to_device, normalize, seed_for
 from fastcl.pipelines.batch import Batch, register
-from fastcl.pipelines.torch_loader import DEVICE_STREAM, ShardBatchSampler
+from fastcl.pipelines.torch_loader import DEVICE_STREAM, ShardBatchSampler, ShardedLoader
 
 _M32 = 0xFFFFFFFF
 
@@ -28,7 +28,7 @@ def hash01(ids: Tensor, numel: int, salt: int = 0) -> Tensor:
     return x.float() * (1.0 / 2**32)
 
 
-class SyntheticLoader:
+class SyntheticLoader(ShardedLoader):
     """Loader protocol over generated images (see module docstring)."""
 
     def __init__(self, num_samples: int, num_classes: int, views: list, mean, std, batch_size: int,
@@ -52,36 +52,29 @@ class SyntheticLoader:
 
     def images(self, ids: Tensor, size: int) -> Tensor:
         """The fixed (un-augmented) images of `ids` ([B] int64 on the device): float [B,3,size,size] in [0,1]."""
-        noise = hash01(ids, 3 * size * size, salt=size).view(-1, 3, size, size)
+        r = max(1, size // 4)  # noise in 4x4-pixel cells: 16x fewer hashes, still a fixed image per id
+        noise = hash01(ids, 3 * r * r, salt=size).view(-1, 3, r, r)
+        noise = F.interpolate(noise, size=(size, size), mode="nearest")
         return 0.6 * self._pattern(size)[ids % self.num_classes] + 0.4 * noise
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.sampler.epoch:
-            self.batches_done = 0
-        self.sampler.set_epoch(epoch)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.sampler.epoch, "batches_done": self.batches_done}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.epoch = int(state["epoch"])
-        self.sampler.skip = self.batches_done = int(state["batches_done"])
 
     def __iter__(self):
         start, batches = self.sampler.take_batches()
         self.batches_done = start
-        epoch, dev = self.sampler.epoch, self.device
+        dev, b, world = self.device, self.sampler.batch_size, self.sampler.world
         for k, ids in enumerate(batches, start=start):
             self.batches_done = k + 1
-            g = torch.Generator().manual_seed(seed_for(self.seed, epoch, self.rank, k, DEVICE_STREAM))
+            # Draw the per-sample factors of the whole GLOBAL batch k from a rank-free seed and keep this
+            # rank's slice: a sample then gets the same view whatever the number of processes, which is what
+            # lets a 2-process run reproduce a 1-process run exactly (tests/test_train.py).
+            g = torch.Generator().manual_seed(seed_for(self.seed, self.sampler.epoch, k, DEVICE_STREAM))
+            mine = slice(self.rank * b, self.rank * b + len(ids))
             ids_dev = host_to_device(ids, dev)
             out = []
             for spec in self.views:
-                bright = host_to_device(0.6 + 0.8 * torch.rand(len(ids), generator=g), dev).view(-1, 1, 1, 1)
-                x = flip((self.images(ids_dev, spec.size) * bright).clamp_(0, 1), spec.flip_p, g)
+                bright = 0.6 + 0.8 * torch.rand(b * world, generator=g)[mine]
+                flips = (torch.rand(b * world, generator=g) < spec.flip_p)[mine]
+                x = (self.images(ids_dev, spec.size) * host_to_device(bright, dev).view(-1, 1, 1, 1)).clamp_(0, 1)
+                x = torch.where(host_to_device(flips, dev)[:, None, None, None], x.flip(-1), x)
                 out.append(normalize(x, self.mean, self.std))
             yield Batch(tuple(out), ids_dev, ids_dev % self.num_classes)
 

@@ -1,8 +1,8 @@
 """`torch` backend: image folders through a torch DataLoader, the portable fallback.
 
-Workers (processes): PIL decode -> per view `rrc_params` + PIL box resize (bilinear, antialiased) + flip ->
-uint8 [3,S,S]. Main process: the batch goes to the device, where `augment.device_stage` does colour jitter,
-grayscale, blur, solarize and normalization as batched tensor ops.
+Workers (processes): PIL decode -> per view `rrc_box` (= `rrc_params` for one image) + PIL box resize
+(bilinear, antialiased) + flip -> uint8 [3,S,S]. Main process: the batch goes to the device, where
+`augment.device_stage` does colour jitter, grayscale, blur, solarize and normalization as batched tensor ops.
 
 Reproducibility: every random draw comes from a generator seeded by `seed_for(...)` of the run seed, the
 epoch, and the sample id + view (worker side) or the rank + local batch number (device side), so a run gives
@@ -18,7 +18,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from fastcl.pipelines.augment import as_view_spec, device_stage, rrc_params, seed_for
+from fastcl.pipelines.augment import as_view_spec, device_stage, rrc_box, seed_for
 from fastcl.pipelines.augspec import ViewSpec
 from fastcl.pipelines.batch import Batch, register, shard_indices
 from fastcl.pipelines.folder import load_rgb, scan_folder, split_path
@@ -75,6 +75,41 @@ class ShardBatchSampler:
         return iter([[(i, self.epoch) for i in b.tolist()] for b in batches])
 
 
+class ShardedLoader:
+    """Length, epoch and mid-epoch-resume plumbing shared by the loaders that own a `ShardBatchSampler`
+    (`self.sampler`) and count the batches they have yielded this epoch in `self.batches_done`.
+
+    A checkpoint taken after the trainer finished the step of the k-th batch of an epoch stores
+    {"epoch": e, "batches_done": k}; loading it makes the next pass over epoch e start at batch k, with the
+    same ids and pixels as the uninterrupted run (all seeds depend on (seed, epoch, id / batch number)).
+    """
+
+    sampler: ShardBatchSampler
+    seed: int
+    rank: int
+    batches_done: int = 0
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # batches per epoch on this rank
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.sampler.epoch:
+            self.batches_done = 0
+        self.sampler.set_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The next __iter__ continues epoch `state['epoch']` after its first `batches_done` batches."""
+        self.sampler.epoch = int(state["epoch"])
+        self.sampler.skip = self.batches_done = int(state["batches_done"])
+
+    def batch_generator(self, k: int) -> torch.Generator:
+        """CPU generator of the device-side draws of local batch k of the current epoch."""
+        return torch.Generator().manual_seed(seed_for(self.seed, self.sampler.epoch, self.rank, k, DEVICE_STREAM))
+
+
 class FolderViews(Dataset):
     """Item (id, epoch) -> (tuple of uint8 [3,S,S] views, id, label)."""
 
@@ -91,7 +126,7 @@ class FolderViews(Dataset):
         out = []
         for v, spec in enumerate(self.views):
             g = torch.Generator().manual_seed(seed_for(self.seed, epoch, i, v))
-            y0, x0, h, w = rrc_params(1, torch.tensor([H]), torch.tensor([W]), spec, g)[0].tolist()
+            y0, x0, h, w = rrc_box(H, W, spec, g)
             crop = im.resize((spec.size, spec.size), Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h))
             if torch.rand(1, generator=g).item() < spec.flip_p:
                 crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
@@ -99,7 +134,7 @@ class FolderViews(Dataset):
         return tuple(out), i, self.labels[i]
 
 
-class TorchFolderLoader:
+class TorchFolderLoader(ShardedLoader):
     """Loader protocol over an image folder (see module docstring)."""
 
     def __init__(self, path: str, views: list, mean, std, batch_size: int, rank: int = 0, world: int = 1,
@@ -118,29 +153,13 @@ class TorchFolderLoader:
                               num_workers=workers, persistent_workers=workers > 0,
                               pin_memory=self.device.type == "cuda")
 
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.sampler.epoch:
-            self.batches_done = 0
-        self.sampler.set_epoch(epoch)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.sampler.epoch, "batches_done": self.batches_done}
-
-    def load_state_dict(self, state: dict) -> None:
-        """The next __iter__ continues epoch `state['epoch']` after its first `batches_done` batches."""
-        self.sampler.epoch = int(state["epoch"])
-        self.sampler.skip = self.batches_done = int(state["batches_done"])
-
     def __iter__(self):
         start = self.sampler.skip
         self.batches_done = start
-        epoch, dev = self.sampler.epoch, self.device
+        dev = self.device
         for k, (views, ids, labels) in enumerate(self._dl, start=start):
             self.batches_done = k + 1
-            g = torch.Generator().manual_seed(seed_for(self.seed, epoch, self.rank, k, DEVICE_STREAM))
+            g = self.batch_generator(k)
             out = tuple(device_stage(v.to(dev, non_blocking=True), spec, self.mean, self.std, g)
                         for v, spec in zip(views, self.views))
             yield Batch(out, ids.to(dev, non_blocking=True), labels.to(dev, non_blocking=True))

@@ -14,11 +14,18 @@ import torch.distributed as dist
 from fastcl.models import build_encoder, convert_sync_bn
 
 
-def run_case(module, xs, gs, sl):
-    """Train-mode steps on this rank's slice; returns outputs, input grads, param grads, buffers."""
+def run_case(module, xs, gs, sl, ddp=False):
+    """Train-mode steps on this rank's slice; returns outputs, input grads, param grads, buffers.
+
+    ddp=True wraps the converted module in DistributedDataParallel as the trainer does (its gradient
+    all-reduces interleave with the BN ones in backward; parameter gradients come back averaged).
+    """
     module = convert_sync_bn(module)
     out = {"types": sorted({type(m).__name__ for m in module.modules() if "Norm" in type(m).__name__}),
            "keys": sorted(module.state_dict()), "y": [], "dx": []}
+    inner = module
+    if ddp:
+        module = torch.nn.parallel.DistributedDataParallel(module)
     for x, g in zip(xs, gs):
         x = x[sl[0]:sl[1]].clone().requires_grad_()
         if x.dim() == 4:
@@ -27,11 +34,11 @@ def run_case(module, xs, gs, sl):
         (y * g[sl[0]:sl[1]]).sum().backward()
         out["y"].append(y.detach().contiguous())
         out["dx"].append(x.grad.contiguous())
-    out["grads"] = {n: p.grad.clone() for n, p in module.named_parameters()}
-    out["buffers"] = {n: b.clone() for n, b in module.named_buffers()}
-    module.eval()
+    out["grads"] = {n: p.grad.clone() for n, p in inner.named_parameters()}
+    out["buffers"] = {n: b.clone() for n, b in inner.named_buffers()}
+    inner.eval()
     with torch.no_grad():
-        out["y_eval"] = module(xs[0]).contiguous()
+        out["y_eval"] = inner(xs[0]).contiguous()
     return out
 
 
@@ -47,7 +54,7 @@ def main(in_path: str, out_prefix: str) -> None:
             module = case["module"]
         module.load_state_dict(case["state"])
         module.train()
-        result[name] = run_case(module, case["xs"], case["gs"], case["split"][rank])
+        result[name] = run_case(module, case["xs"], case["gs"], case["split"][rank], case.get("ddp", False))
     torch.save(result, f"{out_prefix}.{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

@@ -43,6 +43,8 @@ class ContrastiveMethod(nn.Module):
 
     def __init__(self, cfg, num_samples: int, dim: int):
         super().__init__()
+        if cfg.method.name in ("ifnd", "sepp", "oracle"):  # label-assignment add-ons on either baseline
+            self.inbatch = cfg.method.base == "simclr"
         self.cfg = cfg
         self.num_samples = num_samples
         m = cfg.method
@@ -57,11 +59,15 @@ class ContrastiveMethod(nn.Module):
 
     # -- layout -------------------------------------------------------------------------------------
     def pairs(self, n_views: int) -> list[tuple[int, int]]:
-        """(query view, key view) pairs whose losses are averaged. Asymmetric default: query 1, key 0
-        (SCE convention: view 0 is the target/weak view); symmetric: both directions."""
-        if self.cfg.method.symmetric:
-            return [(1, 0), (0, 1)]
-        return [(1, 0)]
+        """(query view, key view) pairs whose losses are averaged.
+
+        Views 0 and 1 are the global crops, views >= 2 local crops (multi-crop), which are queries only.
+        Asymmetric (default): view 0 is the key/target (SCE's weak view), every other view a query.
+        Symmetric: each global crop is the key of every other crop (SCE sym: 2 crops -> 2 terms,
+        2 + 4 local crops -> 10 terms).
+        """
+        keys = (0, 1) if self.cfg.method.symmetric else (0,)
+        return [(qv, kv) for kv in keys for qv in range(n_views) if qv != kv]
 
     # -- targets ------------------------------------------------------------------------------------
     def assign(self, sims: Sims, sc: dict) -> Target:
@@ -80,6 +86,7 @@ class ContrastiveMethod(nn.Module):
         if self.table is not None:
             self.table.update(ids, keys)
 
-    def on_epoch_start(self, epoch: int, trainer) -> dict:
-        """Epoch-level work (IFND re-clustering). Returns metrics to log."""
+    def on_epoch_start(self, epoch: int, parts, loader) -> dict:
+        """Epoch-level work (IFND re-clustering). `parts`: the trainer's StepParts; `loader`: the training
+        Loader. Returns metrics to log."""
         return {}

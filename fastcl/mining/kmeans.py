@@ -3,11 +3,12 @@
 One algorithm, two engines for its Lloyd iterations. Shared torch code normalises the rows, draws the training
 subsample (at most k·max_points_per_centroid points, faiss' rule) and the initial centroids of every restart from
 one seeded CPU generator; faiss (faiss.Clustering, spherical=True, IndexFlatIP / GpuIndexFlatIP) or torch then
-runs `niter` iterations (cosine assignment, centroid = normalised mean, no early stop); the restart with the
-largest summed cosine wins; finally EVERY point is assigned by an exact 2-NN inner-product search against the
-centroids. Because both engines start from the same points on the same data they agree up to float rounding and
-their handling of empty clusters (faiss splits a big cluster, torch moves the centroid onto the worst-fitting
-point), which the tests check on planted clusters.
+runs at most `niter` iterations (cosine assignment, centroid = normalised mean; both stop early only once an
+iteration changes nothing: faiss when the objective repeats, torch when the assignment repeats, which leaves the
+result as it is); the restart with the largest summed cosine wins; finally EVERY point is assigned by an exact
+2-NN inner-product search against the centroids. Because both engines start from the same points on the same data
+they agree up to float rounding and their handling of empty clusters (faiss splits a big cluster, torch moves the
+centroid onto the worst-fitting point), which the tests check on planted clusters.
 """
 from __future__ import annotations
 
@@ -39,8 +40,9 @@ def spherical_kmeans(x: Tensor, k: int, niter: int = 20, nredo: int = 1, seed: i
                      init: str = "random") -> KMeansResult:
     """Spherical k-means of the rows of x [N, D] (normalised here; any dtype/device) into k clusters.
 
-    niter: Lloyd iterations per restart; nredo: restarts from different initial centroids (all drawn from the
-    generator seeded with `seed`), the one with the largest summed cosine of its last assignment wins;
+    niter: Lloyd iterations per restart (fewer once converged, see the module doc); nredo: restarts from
+    different initial centroids (all drawn from the generator seeded with `seed`), the one with the largest summed
+    cosine of its last assignment wins;
     max_points_per_centroid: train on a seeded random subset of k·max_points_per_centroid points when N is larger
     (every point is still assigned); min_points_per_centroid: below k·this many points the clustering is poorly
     determined and a warning is given (PCL passes 1000 / 10: our defaults).
@@ -120,20 +122,24 @@ def _top_sims(x: Tensor, c: Tensor, top: int) -> tuple[Tensor, Tensor]:
 
 
 def _lloyd_torch(x: Tensor, c: Tensor, niter: int) -> tuple[Tensor, float]:
-    """niter spherical Lloyd iterations of x [n, D] from unit centroids c [k, D] -> (centroids, summed cosine of
-    the last assignment, faiss' objective). An empty cluster moves onto the worst-fitting point (deterministic)."""
+    """At most niter spherical Lloyd iterations of x [n, D] from unit centroids c [k, D] -> (centroids, summed
+    cosine of the last assignment, faiss' objective). An empty cluster moves onto the worst-fitting point
+    (deterministic). Stops when an assignment repeats: the centroids would then repeat too."""
     k = c.shape[0]
-    obj = 0.0
+    obj, prev = 0.0, None
     for _ in range(niter):
         best, a = _top_sims(x, c, 1)
         best, a = best[:, 0], a[:, 0]
+        obj = float(best.sum())
+        if prev is not None and torch.equal(a, prev):
+            break
+        prev = a
         sums = torch.zeros_like(c).index_add_(0, a, x)
         counts = torch.bincount(a, minlength=k)
         empty = (counts == 0).nonzero().flatten()      # host sync once per iteration (not the training hot path)
         if empty.numel():
             sums[empty] = x[best.topk(empty.numel(), largest=False).indices]
         c = F.normalize(sums, dim=1)
-        obj = float(best.sum())
     return c, obj
 
 

@@ -24,7 +24,7 @@ def knn_search(queries: Tensor, bank: Tensor, k: int, backend: str = "auto", exc
     rows for cosine. exclude_self_ids [M]: bank id that row r must never return (its own id when the queries
     are the bank); done by asking k+1 neighbours and dropping that id, or the (k+1)-th when it is absent.
     When fewer than k candidates exist the tail is padded with id -1 and sim -inf.
-    batch: queries per search call (bounds the result and scratch memory).
+    batch: queries per search call (bounds the result and scratch memory). faiss-gpu caps k at 2048.
     ivf_nlist > 0: approximate search with faiss IndexIVFFlat(nlist, inner product), trained on at most
     256·nlist bank rows drawn with `seed`, probing `nprobe` lists (faiss backends only): the ImageNet-scale option
     (1.28 M x 2048 exact is ~10^13 multiply-adds). Exact search is the default and what the tests check.
@@ -48,7 +48,8 @@ def knn_search(queries: Tensor, bank: Tensor, k: int, backend: str = "auto", exc
         sims, ids = sims.to(queries.device), ids.to(queries.device)
     sims = sims.masked_fill(ids < 0, -float("inf"))        # faiss pads missing results with -FLT_MAX
     if exclude_self_ids is not None:
-        sims, ids = _drop_ids(sims, ids, exclude_self_ids.to(ids.device).long())
+        # pad to k+1 first so that, when the own id is absent, what gets dropped is padding or the (k+1)-th
+        sims, ids = _drop_ids(*_pad(sims, ids, k + 1), exclude_self_ids.to(ids.device).long())
     return _pad(sims, ids, k)
 
 

@@ -11,11 +11,32 @@ import itertools
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fastcl.dist import is_dist
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes; backward sums the output gradients over processes too.
+
+    d(sum_r loss_r)/d(input on rank q) = sum_r d loss_r / d(output) (the output is the same tensor
+    everywhere). Own Function rather than torch.distributed.nn.functional.all_reduce, which warns as
+    deprecated in torch 2.13.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        x = x.clone(memory_format=torch.contiguous_format)  # gloo/nccl need dense input
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        g = g.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
 
 
 class AllReduceBatchNorm(_BatchNorm):
@@ -55,7 +76,7 @@ class AllReduceBatchNorm(_BatchNorm):
             var_l = mean_l = xs.sum(dim=dims)
         m = mean_l.double()
         packed = torch.cat([m * n, (var_l.double() + m * m) * n, m.new_full((1,), float(n))])
-        packed = dist_nn.all_reduce(packed, group=self.process_group or dist.group.WORLD)
+        packed = _AllReduceSum.apply(packed, self.process_group)  # the one collective per BN forward
         total = packed[2 * c]
         mean = packed[:c] / total
         var = (packed[c:2 * c] / total - mean * mean).clamp_min(0.0)  # biased, as used to normalise

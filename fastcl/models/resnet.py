@@ -14,6 +14,7 @@ Bottleneck puts the stride on the 3x3 conv (torchvision's "ResNet v1.5").
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -21,7 +22,24 @@ def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False)
 
 
+class StridedConv1x1(nn.Conv2d):
+    """1x1 conv with stride s > 1 (the downsample shortcut); same parameters/keys as nn.Conv2d.
+
+    On CPU it subsamples first and runs a stride-1 conv, which is the same function: torch 2.13's
+    oneDNN weight-gradient kernel for strided 1x1 convs segfaults on some shapes (e.g. 8 input channels
+    with an odd batch, or odd spatial sizes such as 15x15; both memory formats). GPU keeps the fused conv.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu" or self.stride == (1, 1):
+            return super().forward(x)
+        sh, sw = self.stride
+        return F.conv2d(x[:, :, ::sh, ::sw], self.weight, self.bias)
+
+
 def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    if stride > 1:
+        return StridedConv1x1(cin, cout, kernel_size=1, stride=stride, bias=False)
     return nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False)
 
 

@@ -1,4 +1,23 @@
 """Pure target/loss functions (DESIGN.md "Objective contract")."""
 from fastcl.objectives.loss import Target, masked_log_softmax, one_hot_target, soft_cross_entropy
+from fastcl.objectives.targets import (
+    ifnd_attraction_target,
+    ifnd_false_negatives,
+    ifnd_valid,
+    multi_positive_target,
+    sce_target,
+    slr_target,
+)
 
-__all__ = ["Target", "masked_log_softmax", "one_hot_target", "soft_cross_entropy"]
+__all__ = [
+    "Target",
+    "masked_log_softmax",
+    "one_hot_target",
+    "soft_cross_entropy",
+    "sce_target",
+    "slr_target",
+    "ifnd_false_negatives",
+    "ifnd_valid",
+    "ifnd_attraction_target",
+    "multi_positive_target",
+]

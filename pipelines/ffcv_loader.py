@@ -1,0 +1,188 @@
+"""`ffcv` backend: a .beton written by `pipelines/convert.py` (fields image, label, index).
+
+Per view, one ffcv pipeline on the same `image` field: RandomResizedCropRGBImageDecoder (scale/ratio from the
+ViewSpec; JPEG decode + crop + cv2 INTER_AREA resize in numba threads) -> RandomHorizontalFlip -> ToTensor ->
+ToDevice (CUDA only) -> ToTorchImage = uint8 [B,3,S,S] channels-last. The rest of the recipe (colour jitter,
+grayscale, blur, solarize, normalize) is `augment.device_stage` on the training device, the same code the torch
+backend runs. `label` and `index` go through IntDecoder.
+
+Sharding and order: ffcv's own `distributed=True` is unreliable (EXPECTATIONS §16), so ONE ffcv Loader is
+built (its first epoch JIT-compiles for 20-38 s; later epochs reuse the compiled code) and its traversal order
+is replaced by `_EpochRows`, which hands ffcv this rank's rows for the current epoch: the ids of
+`shard_indices(N, per_rank_batch, rank, world, seed, epoch)` (through the same `ShardBatchSampler` as the torch
+backend, so both backends put the same ids in the same batches) mapped to .beton rows. Each id is therefore
+seen exactly once per epoch across ranks (minus the dropped tail with drop_last), in an order seeded by
+(seed, epoch) identically on every rank. `Batch.index` is the decoded `index` field, not the row.
+
+Randomness: the device stage draws from generators seeded like the torch backend's (run seed, epoch, rank,
+batch number); ffcv's crop and flip draw from numba's per-thread np.random and are not reproducible run to run.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import torch
+
+from fastcl.pipelines.augment import as_view_spec, device_stage, seed_for
+from fastcl.pipelines.batch import Batch, register
+from fastcl.pipelines.folder import split_path
+from fastcl.pipelines.torch_loader import DEVICE_STREAM, ShardBatchSampler
+
+REQUIRED_FIELDS = ("image", "label", "index")
+
+
+def read_beton_fields(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(index [rows] int64, label [rows] int64) from a .beton's metadata, without decoding any image.
+
+    Raises a ValueError naming the file and the missing field when the .beton lacks image/label/index.
+    """
+    from ffcv.reader import Reader
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"ffcv backend: .beton not found: {path} (write one with pipelines/convert.py)")
+    try:
+        reader = Reader(path)
+    except Exception as e:  # noqa: BLE001 - ffcv raises AssertionError/ValueError on foreign files
+        raise ValueError(f"ffcv backend: {path} is not a readable .beton ({type(e).__name__}: {e})") from e
+    names = list(reader.handlers)
+    for f in REQUIRED_FIELDS:
+        if f not in names:
+            raise ValueError(f"ffcv backend: {path} has no `{f}` field (it has {names}); re-create it with "
+                             f"`python pipelines/convert.py --src <images> --out {path} --overwrite`, which writes "
+                             f"image, label and index")
+    meta = reader.metadata
+    pos = {n: i for i, n in enumerate(names)}
+    return (np.asarray(meta[f"f{pos['index']}"], dtype=np.int64),
+            np.asarray(meta[f"f{pos['label']}"], dtype=np.int64))
+
+
+def _rows_by_id(index: np.ndarray, path: str, max_samples: int) -> np.ndarray:
+    """[N] row of each global id. The index field must be a permutation of 0..rows-1 (convert.py writes
+    index == row); max_samples keeps ids < max_samples."""
+    n = len(index)
+    if n == 0 or index.min() != 0 or index.max() != n - 1 or len(np.unique(index)) != n:
+        raise ValueError(f"ffcv backend: {path}: the `index` field is not a permutation of 0..{n - 1}; "
+                         "ids must be unique and contiguous (re-create the file with pipelines/convert.py)")
+    rows = np.empty(n, dtype=np.int64)
+    rows[index] = np.arange(n)
+    return rows[:max_samples] if 0 < max_samples < n else rows
+
+
+class FFCVLoader:
+    """Loader protocol over a .beton (see module docstring)."""
+
+    def __init__(self, path: str, views: list, mean, std, batch_size: int, rank: int = 0, world: int = 1,
+                 device="cpu", seed: int = 0, workers: int = 2, shuffle: bool = True, drop_last: bool = True,
+                 max_samples: int = 0, batches_ahead: int = 2):
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.pipeline import PipelineSpec
+        from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
+
+        index, labels = read_beton_fields(path)
+        self.path = path
+        self._rows = _rows_by_id(index, path, max_samples)  # [N] row of id
+        self.num_samples = len(self._rows)
+        self.labels = torch.from_numpy(labels[self._rows])  # [N] by id, diagnostics only
+        self.views = [as_view_spec(v) for v in views]
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self.device, self.rank, self.seed = torch.device(device), rank, seed
+        self.sampler = ShardBatchSampler(self.num_samples, batch_size, rank, world, seed, shuffle, drop_last)
+        self.batches_done = 0
+
+        cuda = self.device.type == "cuda"
+        pipelines = {"label": [IntDecoder(), ToTensor()], "index": [IntDecoder(), ToTensor()]}
+        self._view_keys = []
+        for v, spec in enumerate(self.views):
+            key = "image" if v == 0 else f"image_{v}"
+            ops = [RandomHorizontalFlip(spec.flip_p), ToTensor()]
+            # on the CPU ToDevice would only add a copy: device_stage's float conversion makes a new tensor anyway
+            ops += [ToDevice(self.device, non_blocking=True)] if cuda else []
+            ops += [ToTorchImage(channels_last=True)]
+            dec = RandomResizedCropRGBImageDecoder((spec.size, spec.size), scale=tuple(spec.scale),
+                                                   ratio=tuple(spec.ratio))
+            pipelines[key] = PipelineSpec("image", decoder=dec, transforms=ops)
+            self._view_keys.append(key)
+        # drop_last=False: the batch count is ours (ShardBatchSampler); ffcv just chunks the rows it is given
+        self._ffcv = Loader(path, batch_size=batch_size, num_workers=max(1, workers), order=OrderOption.SEQUENTIAL,
+                            pipelines=pipelines, drop_last=False, batches_ahead=batches_ahead, os_cache=True)
+        self._order = _EpochRows(self._ffcv)
+        self._ffcv.traversal_order = self._order
+        # ffcv sizes len() (and caps every epoch) by its first order: the longest possible, all rows
+        self._ffcv.first_traversal_order = np.arange(len(index), dtype=np.int64)
+        self._out_names = list(self._ffcv.pipeline_specs.keys())  # ffcv's output tuple follows this order
+
+    def with_shard(self, rank: int, world: int, batch_size: int | None = None) -> "FFCVLoader":
+        """A loader for another (rank, world, per-rank batch) over the same .beton that reuses this one's
+        compiled ffcv pipelines (no second 20-38 s JIT). Both share one ffcv Loader: iterate one at a time."""
+        other = copy.copy(self)
+        s = self.sampler
+        other.sampler = ShardBatchSampler(self.num_samples, batch_size or s.batch_size, rank, world, s.seed,
+                                          s.shuffle, s.drop_last)
+        other.rank, other.batches_done = rank, 0
+        return other
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.sampler.epoch:
+            self.batches_done = 0
+        self.sampler.set_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The next __iter__ continues epoch `state['epoch']` after its first `batches_done` batches."""
+        self.sampler.epoch = int(state["epoch"])
+        self.sampler.skip = self.batches_done = int(state["batches_done"])
+
+    def __iter__(self):
+        start, batches = self.sampler.take_batches()
+        self.batches_done = start
+        epoch, dev = self.sampler.epoch, self.device
+        ids = torch.cat(batches) if batches else torch.empty(0, dtype=torch.int64)
+        self._order.rows = self._rows[ids.numpy()]
+        # ffcv allocates its batch buffers per epoch from this, so a with_shard() copy may change it
+        self._ffcv.batch_size = self.sampler.batch_size
+        if len(ids) == 0:
+            return
+        it = iter(self._ffcv)
+        try:
+            for k, out in enumerate(it, start=start):
+                named = dict(zip(self._out_names, out))
+                # ffcv reuses its output buffers a few batches later: copy the small id/label tensors now
+                index = named["index"].view(-1).to(dev, copy=True, non_blocking=True)
+                label = named["label"].view(-1).to(dev, copy=True, non_blocking=True)
+                g = torch.Generator().manual_seed(seed_for(self.seed, epoch, self.rank, k, DEVICE_STREAM))
+                views = tuple(device_stage(named[key], spec, self.mean, self.std, g)
+                              for key, spec in zip(self._view_keys, self.views))
+                self.batches_done = k + 1
+                yield Batch(views, index, label)
+        finally:
+            # an epoch left early (max_steps, a benchmark) would otherwise keep ffcv's producer thread, which
+            # references itself, blocked forever on its full output queue, holding the batch buffers
+            it.close()
+
+
+class _EpochRows:
+    """ffcv TraversalOrder stand-in: returns the rows the owning FFCVLoader set for the current epoch."""
+
+    def __init__(self, ffcv_loader):
+        self.loader, self.indices, self.seed, self.distributed = ffcv_loader, ffcv_loader.indices, 0, False
+        self.rows = np.zeros(0, dtype=np.int64)
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        return self.rows
+
+
+@register("ffcv")
+def build(cfg, rank: int = 0, world: int = 1, device="cpu", split: str = "train") -> FFCVLoader:
+    d = cfg.data
+    return FFCVLoader(split_path(cfg, split), list(d.aug.views), d.aug.mean, d.aug.std,
+                      cfg.optim.batch_size // world, rank, world, device, cfg.trainer.seed, d.workers,
+                      d.shuffle, d.drop_last, d.max_samples)

@@ -1,0 +1,193 @@
+"""Batched augmentation ops (fastcl.pipelines.augment): statistics, exactness, and the device stage on real
+CIFAR JPEGs."""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from fastcl.pipelines.augment import (as_view_spec, blur_kernel_size, color_ops, crop_resize, device_stage, flip,
+                                      hsv_to_rgb, rgb_to_hsv, rrc_box, rrc_params)
+from fastcl.pipelines.augspec import CIFAR10_MEAN, CIFAR10_STD, ViewSpec
+from fastcl.pipelines.folder import decode_uint8, scan_folder
+
+# a view spec with every colour op off; each test switches on the op it checks
+OFF = dict(jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def expected_rrc_area(scale=(0.2, 1.0), ratio=(0.75, 4 / 3), attempts=10, grid=2000) -> float:
+    """E[crop area fraction] of RandomResizedCrop on a large SQUARE image, by midpoint integration.
+
+    An attempt (s ~ U(scale), log r ~ U(log ratio)) fits iff s*r <= 1 and s/r <= 1; the first fitting attempt
+    is taken, else the fallback is the whole image (ratio 1 lies in the range)."""
+    s = scale[0] + (np.arange(grid) + 0.5) / grid * (scale[1] - scale[0])
+    lr = math.log(ratio[0]) + (np.arange(grid) + 0.5) / grid * (math.log(ratio[1]) - math.log(ratio[0]))
+    fits = s[:, None] <= np.exp(-np.abs(lr))[None, :]
+    q = fits.mean()
+    e_fit = (s[:, None] * fits).sum() / fits.sum()
+    fail = (1 - q) ** attempts
+    return (1 - fail) * e_fit + fail * 1.0
+
+
+def test_rrc_params_statistics():
+    n, side = 20000, 1000  # large image: rounding to whole pixels is negligible
+    spec = ViewSpec()
+    b = rrc_params(n, torch.full((n,), side), torch.full((n,), side), spec, gen())
+    y0, x0, h, w = b.unbind(1)
+    assert b.shape == (n, 4) and b.dtype == torch.float32
+    assert (y0 >= 0).all() and (x0 >= 0).all() and (y0 + h <= side).all() and (x0 + w <= side).all()
+    area = h * w / side**2
+    assert area.min() >= spec.scale[0] - 0.005 and area.max() <= 1.0
+    aspect = w / h
+    assert aspect.min() >= spec.ratio[0] * 0.99 and aspect.max() <= spec.ratio[1] * 1.01
+    assert abs(area.mean().item() - expected_rrc_area()) < 0.01
+    # positions are spread over the free range, not pinned to a corner
+    assert (y0 / (side - h).clamp(min=1)).mean().item() == pytest.approx(0.5, abs=0.03)
+
+
+def test_rrc_params_mixed_sizes_and_fallback():
+    n = 2000
+    H = torch.randint(8, 64, (n,), generator=gen(1))
+    W = torch.randint(8, 64, (n,), generator=gen(2))
+    b = rrc_params(n, H, W, ViewSpec(), gen(3))
+    y0, x0, h, w = b.unbind(1)
+    assert (h >= 1).all() and (w >= 1).all() and (y0 + h <= H).all() and (x0 + w <= W).all()
+    # a 10x100 strip never fits the ratio range: the fallback is the centered crop at the max ratio (13x10)
+    fb = rrc_params(5, torch.tensor(10), torch.tensor(100), ViewSpec(scale=(0.9, 1.0)), gen())
+    assert torch.equal(fb, torch.tensor([[0.0, 43.0, 10.0, 13.0]]).expand(5, 4))
+    # same generator state -> same boxes
+    assert torch.equal(rrc_params(n, H, W, ViewSpec(), gen(3)), b)
+
+
+def test_rrc_box_matches_rrc_params():
+    """The per-sample worker path draws and decides exactly like the batched one."""
+    for i in range(300):
+        H, W = (int(v) for v in torch.randint(1, 300, (2,), generator=gen(i)))
+        spec = ViewSpec(scale=(0.08, 1.0) if i % 2 else (0.9, 1.0))
+        ref = rrc_params(1, torch.tensor(H), torch.tensor(W), spec, gen(i))[0]
+        assert rrc_box(H, W, spec, gen(i)) == tuple(int(v) for v in ref)
+
+
+def test_crop_resize_exact_crops():
+    x = torch.randint(0, 256, (4, 3, 20, 24), dtype=torch.uint8)
+    square = x[..., :, :20]  # the whole image at its own size is the identity
+    assert torch.allclose(crop_resize(square, torch.tensor([[0.0, 0.0, 20.0, 20.0]]).expand(4, 4), 20),
+                          square.float() / 255, atol=1e-6)
+    # a box of the output size is an exact slice (pixel centers land on pixel centers)
+    box = torch.tensor([[3.0, 5.0, 8.0, 8.0]]).expand(4, 4)
+    assert torch.allclose(crop_resize(x, box, 8), x[:, :, 3:11, 5:13].float() / 255, atol=1e-6)
+    # float input keeps its range; a constant region stays constant when upsampled
+    c = torch.full((2, 3, 16, 16), 0.25)
+    assert torch.allclose(crop_resize(c, torch.tensor([[2.0, 2.0, 5.0, 7.0]]).expand(2, 4), 32), c[..., :1, :1])
+
+
+def test_flip_rate():
+    x = torch.rand(4000, 3, 2, 2)
+    y = flip(x, 0.5, gen())
+    flipped = (y == x.flip(-1)).flatten(1).all(1)
+    same = (y == x).flatten(1).all(1)
+    assert (flipped ^ same).all()
+    assert flipped.float().mean().item() == pytest.approx(0.5, abs=0.03)
+    assert torch.equal(flip(x, 0.0, gen()), x)
+
+
+def test_grayscale_rate_and_luma():
+    x = torch.rand(4000, 3, 4, 4)
+    y = color_ops(x, ViewSpec(**{**OFF, "gray_p": 0.3}), gen())
+    gray = (y.amax(1) - y.amin(1)).flatten(1).amax(1) < 1e-6
+    assert gray.float().mean().item() == pytest.approx(0.3, abs=0.03)
+    luma = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+    assert torch.allclose(y[gray, 0], luma[gray], atol=1e-6)
+    assert torch.equal(y[~gray], x[~gray])
+
+
+def high_freq(x: torch.Tensor) -> torch.Tensor:
+    """Mean squared neighbour difference per sample: [B]."""
+    dx = (x[..., 1:] - x[..., :-1]) ** 2
+    dy = (x[..., 1:, :] - x[..., :-1, :]) ** 2
+    return dx.mean(dim=(1, 2, 3)) + dy.mean(dim=(1, 2, 3))
+
+
+def test_blur_smooths_and_rate():
+    assert [blur_kernel_size(ViewSpec(), s) for s in (8, 32, 96, 224)] == [3, 3, 9, 23]
+    x = torch.rand(64, 3, 32, 32)
+    y = color_ops(x, ViewSpec(**{**OFF, "blur_p": 1.0, "blur_sigma": (0.5, 2.0)}), gen())
+    assert (high_freq(y) < 0.7 * high_freq(x)).all()
+    assert torch.allclose(y.mean(dim=(1, 2, 3)), x.mean(dim=(1, 2, 3)), atol=0.02)  # kernel sums to 1
+    xs = torch.rand(2000, 3, 8, 8)
+    ys = color_ops(xs, ViewSpec(**{**OFF, "blur_p": 0.5}), gen())
+    changed = (ys != xs).flatten(1).any(1)
+    assert changed.float().mean().item() == pytest.approx(0.5, abs=0.04)
+
+
+def test_solarize_inverts_above_threshold():
+    x = torch.rand(16, 3, 8, 8)
+    y = color_ops(x, ViewSpec(**{**OFF, "solarize_p": 1.0, "solarize_threshold": 0.5}), gen())
+    assert torch.allclose(y, torch.where(x >= 0.5, 1 - x, x))
+
+
+def test_brightness_factors_per_sample():
+    x = 0.2 + 0.4 * torch.rand(500, 3, 4, 4)  # stays inside [0,1] for factors in [0.6, 1.4]
+    spec = ViewSpec(**{**OFF, "jitter_p": 1.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0})
+    f = (color_ops(x, spec, gen()) / x).flatten(1)
+    assert torch.allclose(f, f[:, :1].expand_as(f), atol=1e-5)  # one factor per sample
+    assert f[:, 0].min() >= 0.6 - 1e-5 and f[:, 0].max() <= 1.4 + 1e-5 and f[:, 0].std() > 0.15
+
+
+def test_hue_keeps_value_and_saturation():
+    x = torch.rand(200, 3, 6, 6)
+    assert torch.allclose(hsv_to_rgb(rgb_to_hsv(x)), x, atol=1e-5)
+    spec = ViewSpec(**{**OFF, "jitter_p": 1.0, "brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.5})
+    y = color_ops(x, spec, gen())
+    hx, hy = rgb_to_hsv(x), rgb_to_hsv(y)
+    assert torch.allclose(hy[:, 1:], hx[:, 1:], atol=1e-4)  # saturation and value kept
+    dh = torch.remainder(hy[:, 0] - hx[:, 0], 1.0).flatten(1)  # one hue shift per sample
+    circ = torch.minimum(dh, 1 - dh)
+    assert (circ.amax(1) - circ.amin(1) < 1e-3).all() and circ[:, 0].std() > 0.05
+
+
+def test_jitter_p_and_reproducibility():
+    x = torch.rand(2000, 3, 4, 4)
+    spec = ViewSpec(**{**OFF, "jitter_p": 0.8})
+    y = color_ops(x, spec, gen(5))
+    assert (y != x).flatten(1).any(1).float().mean().item() == pytest.approx(0.8, abs=0.03)
+    assert torch.equal(color_ops(x, spec, gen(5)), y)
+    assert not torch.equal(color_ops(x, spec, gen(6)), y)
+    assert y.min() >= 0 and y.max() <= 1
+
+
+@pytest.fixture(scope="module")
+def cifar_uint8(cifar_folder) -> torch.Tensor:
+    paths = scan_folder(os.path.join(cifar_folder, "train")).paths[::2]  # 250 images, all classes
+    return decode_uint8(paths, lambda im: im, (32, 32))
+
+
+def test_device_stage_layouts_and_normalization(cifar_uint8):
+    x = cifar_uint8
+    spec = ViewSpec()  # the full MoCo-v2 colour recipe
+    a = device_stage(x, spec, CIFAR10_MEAN, CIFAR10_STD, gen(7))
+    b = device_stage(x.permute(0, 2, 3, 1).contiguous(), spec, CIFAR10_MEAN, CIFAR10_STD, gen(7))  # FFCV layout
+    c = device_stage(x.float() / 255, spec, CIFAR10_MEAN, CIFAR10_STD, gen(7))
+    assert a.shape == (len(x), 3, 32, 32) and a.dtype == torch.float32
+    assert torch.equal(a, b) and torch.allclose(a, c, atol=1e-5)
+    assert abs(a.mean().item()) < 0.5 and 0.5 < a.std().item() < 1.5
+    # with the colour ops off it is exactly the per-channel normalization
+    plain = device_stage(x, ViewSpec(**OFF), CIFAR10_MEAN, CIFAR10_STD, gen())
+    m = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+    s = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    assert torch.allclose(plain, (x.float() / 255 - m) / s, atol=1e-5)
+    assert plain.mean(dim=(0, 2, 3)).abs().max() < 0.3 and (plain.std(dim=(0, 2, 3)) - 1).abs().max() < 0.3
+
+
+def test_as_view_spec_from_config_node():
+    from omegaconf import OmegaConf
+    node = OmegaConf.structured(ViewSpec(size=48, scale=(0.3, 0.9)))
+    v = as_view_spec(node)
+    assert isinstance(v, ViewSpec) and v.size == 48 and v.scale == (0.3, 0.9)
