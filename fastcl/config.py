@@ -75,6 +75,7 @@ class IFNDCfg:
     hierarchy: str = "union"  # union: FN at ANY level (contract ifnd_valid) [U]
     niter: int = 20
     nredo: int = 1
+    init: str = "kmeans++"  # kmeans++ | random (PCL); random merges clusters at small k [our choice]
     seed: int = 0
 
 
@@ -305,6 +306,9 @@ def validate(cfg: DictConfig) -> None:
     _need(m.ifnd.source in ("table", "pass"), "method.ifnd.source", f"{m.ifnd.source!r} not in table|pass")
     _need(m.ifnd.confidence in ("centroid", "margin"), "method.ifnd.confidence", f"{m.ifnd.confidence!r}")
     _need(m.ifnd.hierarchy in ("union",), "method.ifnd.hierarchy", f"{m.ifnd.hierarchy!r} not in union")
+    _need(m.ifnd.init in ("kmeans++", "random"), "method.ifnd.init", f"{m.ifnd.init!r} not in kmeans++|random")
+    _need(0 <= m.ifnd.accept_start <= m.ifnd.accept_end <= 1, "method.ifnd.accept_start",
+          f"need 0 <= accept_start <= accept_end <= 1, got {m.ifnd.accept_start}, {m.ifnd.accept_end}")
     _need(m.ifnd.refresh_every >= 1, "method.ifnd.refresh_every", "must be >= 1")
     _need(m.sepp.mode in ("pair", "multi"), "method.sepp.mode", f"{m.sepp.mode!r} not in pair|multi")
     _need(0 <= m.sepp.rho <= 1, "method.sepp.rho", f"must lie in [0, 1], got {m.sepp.rho}")

@@ -14,7 +14,7 @@ output that torch allocated. Why they beat the torch reference on a 2-core CPU (
   (reassociated by hand, deterministically; one running float sum would stay a scalar chain).
 
 Conventions (as in the targets module): x / out [B, C] fp32 C-contiguous; pos [B] int64; per-row scalars as [B]
-fp32 arrays; ``valid`` [B, C] bool, or any array with ``has_valid=False`` (then it is never read).
+fp32 arrays; ``valid`` [B, C] bool, or a [1, 1] bool dummy with ``has_valid=False`` (then it is never read).
 """
 from __future__ import annotations
 
@@ -41,17 +41,19 @@ _LN2_LO = _F(-2.12194440e-4)
 _P0, _P1, _P2 = _F(1.9875691500e-4), _F(1.3981999507e-3), _F(8.3334519073e-3)
 _P3, _P4, _P5 = _F(4.1665795894e-2), _F(1.6666665459e-1), _F(5.0000001201e-1)
 _LO = _F(-87.0)  # below this the result is < 2^-125: flushed to 0 (torch gives denormals of ~1e-38)
-_HI = _F(88.0)   # clamp only so the int conversion is defined; callers never ask for exp of a large positive
 _JIT = dict(cache=True, fastmath=False, nogil=True)
 
 
 @njit(inline="always", **_JIT)
 def _exp32(x):
-    """exp(x) for fp32 x, branch-free (vectorisable). x < -87 -> 0."""
-    xc = min(max(x, _LO), _HI)
-    t = xc * _LOG2E + _MAGIC  # round-to-nearest of x / ln 2, held in t's low mantissa bits
+    """exp(x) for fp32 x <= 88, branch-free (vectorisable). x < -87 (and -inf, NaN) -> 0.
+
+    No clamping of x: out-of-range x only garbles the exponent bits of a value the final select discards
+    (the magic-number rounding has no undefined float->int conversion), and every caller passes x <= 0.
+    """
+    t = x * _LOG2E + _MAGIC  # round-to-nearest of x / ln 2, held in t's low mantissa bits
     n = t - _MAGIC
-    r = xc - n * _LN2_HI
+    r = x - n * _LN2_HI
     r = r - n * _LN2_LO
     p = ((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5
     p = p * (r * r) + r + _ONE
@@ -103,8 +105,8 @@ def _max_range(row, vrow, has_valid, lo, hi, m):
 
 @njit(inline="always", **_JIT)
 def _sum(row):
-    """Sum of a fp32 row with 16 fp32 accumulators (pairwise combine): vectorisable and ~4x less rounding
-    error than one running sum (each lane adds C/16 terms)."""
+    """Sum of a fp32 row in 16 independent accumulators, combined pairwise: breaks the dependency chain of one
+    running sum (which LLVM may not reassociate with fastmath off) and each lane adds only C/16 terms."""
     n = row.shape[0]
     n16 = n // 16 * 16
     s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = _ZERO
@@ -128,7 +130,8 @@ def _sum(row):
         s15 += row[j + 15]
     for j in range(n16, n):
         s0 += row[j]
-    return (((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))) + (((s8 + s9) + (s10 + s11)) + ((s12 + s13) + (s14 + s15)))
+    low = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+    return low + (((s8 + s9) + (s10 + s11)) + ((s12 + s13) + (s14 + s15)))
 
 
 _LANES = 16
@@ -312,7 +315,8 @@ def _row_array(x: float | Tensor, b: int) -> np.ndarray:
     """A per-row scalar (float, 0-dim or [B] tensor) as a [B] fp32 array."""
     if isinstance(x, Tensor):
         a = x.detach().to(device="cpu", dtype=torch.float32).reshape(-1).numpy()
-        return np.ascontiguousarray(np.broadcast_to(a, (b,)))
+        # A writable copy: broadcast_to gives a read-only view, which numba would compile a second kernel for.
+        return np.broadcast_to(a, (b,)).copy()
     return np.full(b, x, dtype=np.float32)
 
 

@@ -57,9 +57,11 @@ class GPUTensorLoader(ShardedLoader):
             g = self.batch_generator(k)
             ids_dev = host_to_device(ids, dev)
             imgs = self.images.index_select(0, ids_dev)  # uint8 [B,3,H,W]
+            src = self.key_source(ids)
+            key_imgs = imgs if src is ids else self.images.index_select(0, host_to_device(src, dev))
             out = []
-            for spec in self.views:
-                x = crop_resize(imgs, rrc_params(len(ids), torch.tensor(H), torch.tensor(W), spec, g), spec.size)
+            for v, spec in enumerate(self.views):
+                x = crop_resize(key_imgs if v == 0 else imgs, rrc_params(len(ids), torch.tensor(H), torch.tensor(W), spec, g), spec.size)
                 x = flip(x, spec.flip_p, g)
                 out.append(device_stage(x, spec, self.mean, self.std, g))
             yield Batch(tuple(out), ids_dev, self._labels_dev.index_select(0, ids_dev))

@@ -69,11 +69,13 @@ class SyntheticLoader(ShardedLoader):
             g = torch.Generator().manual_seed(seed_for(self.seed, self.sampler.epoch, k, DEVICE_STREAM))
             mine = slice(self.rank * b, self.rank * b + len(ids))
             ids_dev = host_to_device(ids, dev)
+            src = self.key_source(ids)
+            src_dev = ids_dev if src is ids else host_to_device(src, dev)
             out = []
-            for spec in self.views:
+            for v, spec in enumerate(self.views):
                 bright = 0.6 + 0.8 * torch.rand(b * world, generator=g)[mine]
                 flips = (torch.rand(b * world, generator=g) < spec.flip_p)[mine]
-                x = (self.images(ids_dev, spec.size) * host_to_device(bright, dev).view(-1, 1, 1, 1)).clamp_(0, 1)
+                x = (self.images(src_dev if v == 0 else ids_dev, spec.size) * host_to_device(bright, dev).view(-1, 1, 1, 1)).clamp_(0, 1)
                 x = torch.where(host_to_device(flips, dev)[:, None, None, None], x.flip(-1), x)
                 out.append(normalize(x, self.mean, self.std))
             yield Batch(tuple(out), ids_dev, ids_dev % self.num_classes)

@@ -105,6 +105,20 @@ class ShardedLoader:
         self.sampler.epoch = int(state["epoch"])
         self.sampler.skip = self.batches_done = int(state["batches_done"])
 
+    key_partners: Tensor | None = None  # SePP pair mode: [N, k] partner ids (-1 padded)
+    key_rho: float = 0.0
+
+    def set_key_partners(self, nbr: Tensor, rho: float) -> None:
+        """From now on view 0 of sample i comes from a semantic partner of i with probability rho."""
+        self.key_partners, self.key_rho = nbr.cpu().long(), float(rho)
+
+    def key_source(self, ids: Tensor) -> Tensor:
+        """Source ids [B] of the key view (view 0) for the ids [B] of a batch of the current epoch."""
+        if self.key_partners is None:
+            return ids
+        from fastcl.pipelines.pairs import partner_sources
+        return partner_sources(ids.cpu(), self.key_partners, self.key_rho, self.seed, self.sampler.epoch)
+
     def batch_generator(self, k: int) -> torch.Generator:
         """CPU generator of the device-side draws of local batch k of the current epoch."""
         return torch.Generator().manual_seed(seed_for(self.seed, self.sampler.epoch, self.rank, k, DEVICE_STREAM))
@@ -115,6 +129,7 @@ class FolderViews(Dataset):
 
     def __init__(self, paths: list[str], labels: list[int], views: list[ViewSpec], seed: int):
         self.paths, self.labels, self.views, self.seed = paths, labels, views, seed
+        self.key_partners, self.key_rho = None, 0.0  # set before the workers start (SePP pair mode)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -122,12 +137,17 @@ class FolderViews(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         i, epoch = key
         im = load_rgb(self.paths[i])
-        H, W = im.height, im.width
+        src = i
+        if self.key_partners is not None:
+            from fastcl.pipelines.pairs import partner_sources
+            src = int(partner_sources(torch.tensor([i]), self.key_partners, self.key_rho, self.seed, epoch)[0])
         out = []
         for v, spec in enumerate(self.views):
+            img = load_rgb(self.paths[src]) if (v == 0 and src != i) else im
+            H, W = img.height, img.width
             g = torch.Generator().manual_seed(seed_for(self.seed, epoch, i, v))
             y0, x0, h, w = rrc_box(H, W, spec, g)
-            crop = im.resize((spec.size, spec.size), Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h))
+            crop = img.resize((spec.size, spec.size), Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h))
             if torch.rand(1, generator=g).item() < spec.flip_p:
                 crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
             out.append(torch.from_numpy(np.array(crop)).permute(2, 0, 1))
@@ -152,6 +172,11 @@ class TorchFolderLoader(ShardedLoader):
         self._dl = DataLoader(FolderViews(index.paths, index.labels, self.views, seed), batch_sampler=self.sampler,
                               num_workers=workers, persistent_workers=workers > 0,
                               pin_memory=self.device.type == "cuda")
+
+    def set_key_partners(self, nbr: Tensor, rho: float) -> None:
+        super().set_key_partners(nbr, rho)
+        ds = self._dl.dataset  # persistent workers copy the dataset when they start: call before iterating
+        ds.key_partners, ds.key_rho = self.key_partners, self.key_rho
 
     def __iter__(self):
         start = self.sampler.skip

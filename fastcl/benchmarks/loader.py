@@ -41,9 +41,36 @@ def _cfg(backend: str, path: str, a: argparse.Namespace):
                               f"data.aug.mean={mean}", f"data.aug.std={std}", f"trainer.seed={a.seed}"])
 
 
+_STAGE = {"s": 0.0}  # seconds spent inside augment.device_stage during the current epoch (--profile)
+
+
+def _profile_device_stage(device: str) -> None:
+    """Wrap the `device_stage` each backend module imported, accumulating its time in _STAGE. On CUDA the
+    wrapper synchronizes, which serializes the stream: use it to see where time goes, not for headline img/s."""
+    import importlib
+
+    from fastcl.pipelines import augment
+
+    def timed(*args, **kw):
+        t0 = time.perf_counter()
+        out = augment.device_stage(*args, **kw)
+        sync(device)
+        _STAGE["s"] += time.perf_counter() - t0
+        return out
+
+    for mod in ("torch_loader", "ffcv_loader", "gpu_tensor"):
+        try:
+            m = importlib.import_module(f"fastcl.pipelines.{mod}")
+        except ImportError:
+            continue
+        if getattr(m, "device_stage", None) is augment.device_stage:
+            m.device_stage = timed
+
+
 def _time_epoch(loader, epoch: int, device: str) -> dict:
-    """Iterate one epoch; returns first_batch_s, total_s and images counted."""
+    """Iterate one epoch; returns first_batch_s, total_s, images counted and device_stage_s (--profile)."""
     loader.set_epoch(epoch)
+    _STAGE["s"] = 0.0
     t0 = time.perf_counter()
     t_first, n = None, 0
     for b in loader:
@@ -52,7 +79,8 @@ def _time_epoch(loader, epoch: int, device: str) -> dict:
         if t_first is None:
             t_first = time.perf_counter()
     t_end = time.perf_counter()
-    return {"first_batch_s": (t_first or t_end) - t0, "total_s": t_end - t0, "images": n, "img_s": n / (t_end - t0)}
+    return {"first_batch_s": (t_first or t_end) - t0, "total_s": t_end - t0, "images": n, "img_s": n / (t_end - t0),
+            "device_stage_s": _STAGE["s"]}
 
 
 def _build(backend: str, a: argparse.Namespace, tmp: str) -> tuple[object, dict]:
@@ -97,7 +125,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="", help="evidence file name (default loader_<data>_<size>)")
     p.add_argument("--out", default="docs/benchmarks")
+    p.add_argument("--profile", action="store_true",
+                   help="also time augment.device_stage inside each epoch (synchronizes on CUDA)")
     a = p.parse_args(argv)
+    if a.profile:
+        _profile_device_stage(a.device)
     a.n = a.batches * a.batch
     backends = list(BACKENDS) if a.backend == "all" else [a.backend]
     name = a.name or f"loader_{os.path.basename(os.path.normpath(a.data))}_{a.size}"
@@ -126,6 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     for b, rs in runs.items():
         med = {k: statistics.median(x[k] for x in rs) for k in ("img_s", "first_batch_s")}
+        if a.profile:
+            med["device_stage_share"] = statistics.median(x["device_stage_s"] / x["total_s"] for x in rs)
         results[b] = {**info[b], **med, "runs": rs}
     for b in info:
         results.setdefault(b, info[b])
@@ -140,6 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{b:<11}  {r.get('error', '')}")
             continue
         extra = ", ".join(f"{k}={r[k]:.1f}" for k in ("init_s", "convert_s", "compile_s") if k in r)
+        if "device_stage_share" in r:
+            extra += f", device_stage={100 * r['device_stage_share']:.0f}% of the epoch"
         print(f"{b:<11}{r['img_s']:>9.1f}{r.get('ratio_vs_torch', float('nan')):>9.2f}{r['first_batch_s']:>12.2f}  {extra}")
     payload = {
         "command": "python -m fastcl.bench loader " + " ".join(argv if argv is not None else []),

@@ -86,6 +86,17 @@ class ContrastiveMethod(nn.Module):
         if self.table is not None:
             self.table.update(ids, keys)
 
+    # Miners are plain objects (not nn.Modules): their state rides in the module's extra state so that
+    # accelerate's register_for_checkpointing(method) saves and restores it with the queue and table.
+    miner = None
+
+    def get_extra_state(self):
+        return {"miner": self.miner.state_dict()} if self.miner is not None else {}
+
+    def set_extra_state(self, state) -> None:
+        if self.miner is not None and state.get("miner") is not None:
+            self.miner.load_state_dict(state["miner"])
+
     def on_epoch_start(self, epoch: int, parts, loader) -> dict:
         """Epoch-level work (IFND re-clustering). `parts`: the trainer's StepParts; `loader`: the training
         Loader. Returns metrics to log."""

@@ -91,8 +91,10 @@ def sce_target(teacher_sims: Tensor, pos: Tensor, lam: float | Tensor, tau_m: fl
         maybe_empty = self_logit is None and (valid is not None or logits.shape[1] == 1)
         rel, empty = _softmax_or_zero(logits, maybe_empty)
         lam_ = _row_param(lam, logits)
-        keep_pos = torch.broadcast_to(torch.as_tensor(lam_, dtype=torch.float32, device=logits.device),
-                                      (logits.shape[0], 1))
+        b = logits.shape[0]
+        # λ per row as a [B, 1] device tensor; a float becomes a fill (no host-to-device copy on CUDA).
+        keep_pos = (lam_.reshape(-1, 1).expand(b, 1) if isinstance(lam_, Tensor)
+                    else torch.full((b, 1), lam_, dtype=torch.float32, device=logits.device))
         if empty is not None:  # relational mass with no column to go to goes to the positive
             keep_pos = torch.where(empty, torch.ones_like(keep_pos), keep_pos)
         # rel[i, pos] is 0 (exact) or exp(x)/Z (compat): adding λ there gives both modes' positive weight.
@@ -101,7 +103,7 @@ def sce_target(teacher_sims: Tensor, pos: Tensor, lam: float | Tensor, tau_m: fl
 
 def slr_target(teacher_sims: Tensor, pos: Tensor, mu: float | Tensor, temperature: float | Tensor,
                valid: Tensor | None = None) -> Tensor:
-    """SLR refined label  (e_pos + µ·max(p)·p + µ·max(q)·q)/z,  z = 1 + µ·max p + µ·max q.   (DESIGN.md contract)
+    """SLR refined label (e_pos + µ·max(p)·p + µ·max(q)·q)/z, z = 1 + µ·max p + µ·max q.   (DESIGN.md contract)
 
     teacher_sims [B, C], pos [B] int64, mu float | [B], temperature float | [B] (= τ·τ'), valid [B, C] | None
     -> [B, C] fp32.  p = softmax over valid columns (the positive included) of teacher_sims/temperature;

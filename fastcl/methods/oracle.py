@@ -1,0 +1,30 @@
+"""Oracle assigner: IFND's elimination/attraction driven by the TRUE class labels.
+
+RESEARCH UPPER BOUND - this method READS DATASET LABELS (from the loader's label table), which no real
+self-supervised method may do. With mode=elim it is the "false-negative-free" contrastive loss; with
+mode=attr it is SupCon's L_out with the positive view included (METHODS.md §3.7).
+"""
+from __future__ import annotations
+
+import torch
+
+from fastcl.methods.base import ContrastiveMethod, Sims
+from fastcl.methods.label_masks import label_target
+from fastcl.objectives import Target
+
+
+class Oracle(ContrastiveMethod):
+    reads_labels = True  # the only method that does; the trainer logs a warning
+
+    def __init__(self, cfg, num_samples: int, dim: int):
+        super().__init__(cfg, num_samples, dim)
+        self.register_buffer("labels", torch.full((1, num_samples), -1, dtype=torch.long))
+
+    def on_epoch_start(self, epoch: int, parts, loader) -> dict:
+        if not hasattr(loader, "labels"):
+            raise ValueError(f"method.name=oracle needs a loader with a label table; {type(loader).__name__} has none")
+        self.labels.copy_(torch.as_tensor(loader.labels, dtype=torch.long).view(1, -1).to(self.labels.device))
+        return {}
+
+    def assign(self, sims: Sims, sc: dict) -> Target:
+        return label_target(sims, self.labels, self.cfg.method.oracle.mode, self.cfg.method.kernel)

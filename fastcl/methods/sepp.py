@@ -1,0 +1,77 @@
+"""SePP: Semantic Positive Pairs (METHODS.md §4), on the MoCo-v2 (or SimCLR) base.
+
+Before training, `python -m fastcl.mining.sepp` embeds the un-augmented training images with a frozen
+pretrained fastcl checkpoint and stores, per image, at most k neighbours with cosine >= threshold (never
+itself). Training then uses them:
+  pair mode  (default [U]): the key view of sample i comes from a random partner of i with probability rho
+             (data side, see pipelines/pairs.py); the loss is the base loss, unchanged.
+  multi mode [U]: the usual pair, plus every partner present among the candidates (batch keys / queue,
+             matched by sample id) as an extra positive; target uniform over the positives.
+  mask_partners [U]: known partners never act as negatives (pair mode).
+rho = 0 or an empty table gives exactly the base method.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fastcl.methods.base import ContrastiveMethod, Sims
+from fastcl.mining.miner import NeighbourMiner
+from fastcl.objectives import Target, one_hot_target
+from fastcl.objectives.targets import multi_positive_target
+
+
+def partner_mask(partners: Tensor, col_ids: Tensor) -> Tensor:
+    """partners [B, k] (-1 padded), col_ids [C] -> [B, C] bool: column j holds a partner of row i."""
+    out = torch.zeros(partners.shape[0], col_ids.shape[0], dtype=torch.bool, device=col_ids.device)
+    for t in range(partners.shape[1]):  # k passes of [B, C] instead of one [B, C, k] tensor
+        p = partners[:, t:t + 1]
+        out |= (col_ids[None, :] == p) & (p >= 0)
+    return out
+
+
+class SePP(ContrastiveMethod):
+    def __init__(self, cfg, num_samples: int, dim: int):
+        super().__init__(cfg, num_samples, dim)
+        c = cfg.method.sepp
+        if not c.table_path or not os.path.isfile(c.table_path):
+            raise FileNotFoundError(f"method.sepp.table_path={c.table_path!r}: no neighbour table; mine one with "
+                                    f"`python -m fastcl.mining.sepp --checkpoint RUN --data {cfg.data.path} --out T.npz`")
+        with np.load(c.table_path) as f:  # the table may hold more partners than the config keeps (k cap below)
+            mined_k = int(f["k"])
+        self.miner = NeighbourMiner(num_samples, mined_k, c.threshold)
+        self.miner.load(c.table_path)
+        if self.miner.nbr_ids.shape[0] != num_samples:
+            raise ValueError(f"method.sepp.table_path={c.table_path}: table has {self.miner.nbr_ids.shape[0]} rows "
+                             f"but the dataset has {num_samples} samples")
+        keep = (self.miner.nbr_ids >= 0) & (self.miner.nbr_sims >= c.threshold)
+        keep[:, c.k:] = False  # the config may ask for fewer / stricter partners than were mined
+        self.miner.nbr_ids = torch.where(keep, self.miner.nbr_ids, torch.full_like(self.miner.nbr_ids, -1))
+
+    def on_epoch_start(self, epoch: int, parts, loader) -> dict:
+        self.miner.to(parts.accelerator.device)
+        if self.cfg.method.sepp.mode == "pair" and getattr(loader, "key_partners", "absent") is None:
+            loader.set_key_partners(self.miner.nbr_ids, self.cfg.method.sepp.rho)
+        elif self.cfg.method.sepp.mode == "pair" and not hasattr(loader, "set_key_partners"):
+            raise ValueError(f"method.sepp.mode=pair needs a backend that can draw the key view from a partner "
+                             f"image (torch, gpu_tensor, synthetic); data.backend={self.cfg.data.backend!r} cannot: "
+                             f"use method.sepp.mode=multi")
+        return {}
+
+    def assign(self, sims: Sims, sc: dict) -> Target:
+        c = self.cfg.method.sepp
+        partners = self.miner.nbr_ids[sims.row_ids]  # [B, k]
+        is_partner = partner_mask(partners, sims.col_ids) & sims.valid
+        b = sims.pos.shape[0]
+        if c.mode == "multi":
+            pos_mask = is_partner.clone()
+            pos_mask[torch.arange(b, device=pos_mask.device), sims.pos] = True
+            return Target(multi_positive_target(pos_mask, sims.valid), sims.valid)
+        valid = sims.valid
+        if c.mask_partners:
+            valid = valid & ~is_partner
+            valid[torch.arange(b, device=valid.device), sims.pos] = True
+        return one_hot_target(sims.pos, sims.student.shape[1], valid)
