@@ -127,7 +127,10 @@ def setup(cfg, accelerator):
     student = Student(build_encoder(cfg.model), build_predictor(cfg.model)).to(device, memory_format=memory_format)
     if cfg.model.sync_bn:  # after .to(device): SyncBatchNorm on CUDA, an all-reduce BN on CPU (gloo)
         student = convert_sync_bn(student)
-    method = build_method(cfg, n, cfg.model.proj_dim).to(device)
+    try:
+        method = build_method(cfg, n, cfg.model.proj_dim).to(device)
+    except (FileNotFoundError, ValueError) as e:
+        raise SetupError(f"{e}") from None
     teacher = None if method.inbatch else make_teacher(student.encoder)
     optimizer = build_optimizer(cfg, student)
     if t.compile:
@@ -146,6 +149,10 @@ def setup(cfg, accelerator):
             raise SetupError(f"trainer.resume={t.resume}: none of {len(candidates)} checkpoints could be loaded")
     parts = StepParts(student, teacher, method, optimizer, accelerator, resolve_precision(cfg, device),
                       t.channels_last, o.clip_grad)
+    try:
+        method.prepare(parts, loader)
+    except (FileNotFoundError, ValueError) as e:
+        raise SetupError(f"{e}") from None
     return parts, loader, sched, state, expect, resumed
 
 

@@ -97,6 +97,12 @@ class ContrastiveMethod(nn.Module):
         if self.miner is not None and state.get("miner") is not None:
             self.miner.load_state_dict(state["miner"])
 
+    def prepare(self, parts, loader) -> None:
+        """Called once after setup (fresh or resumed run): attach data-side state (SePP's partner table,
+        the oracle's labels) and move plain-object state to the training device."""
+        if self.miner is not None:
+            self.miner.to(parts.accelerator.device)
+
     def on_epoch_start(self, epoch: int, parts, loader) -> dict:
         """Epoch-level work (IFND re-clustering). `parts`: the trainer's StepParts; `loader`: the training
         Loader. Returns metrics to log."""

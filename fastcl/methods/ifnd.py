@@ -51,7 +51,6 @@ class IFND(ContrastiveMethod):
 
     def on_epoch_start(self, epoch: int, parts, loader) -> dict:
         rate = float(self.rates[epoch])
-        self.miner.to(parts.accelerator.device)  # labels live where the similarities are computed
         if rate <= 0 or (self.table is not None and not bool(self.table.seen.any())):
             self.miner.labels.fill_(-1)  # warm-up: plain instance discrimination
             return {"ifnd_rate": 0.0}

@@ -20,11 +20,10 @@ class Oracle(ContrastiveMethod):
         super().__init__(cfg, num_samples, dim)
         self.register_buffer("labels", torch.full((1, num_samples), -1, dtype=torch.long))
 
-    def on_epoch_start(self, epoch: int, parts, loader) -> dict:
+    def prepare(self, parts, loader) -> None:
         if not hasattr(loader, "labels"):
             raise ValueError(f"method.name=oracle needs a loader with a label table; {type(loader).__name__} has none")
         self.labels.copy_(torch.as_tensor(loader.labels, dtype=torch.long).view(1, -1).to(self.labels.device))
-        return {}
 
     def assign(self, sims: Sims, sc: dict) -> Target:
         return label_target(sims, self.labels, self.cfg.method.oracle.mode, self.cfg.method.kernel)

@@ -51,15 +51,15 @@ class SePP(ContrastiveMethod):
         keep[:, c.k:] = False  # the config may ask for fewer / stricter partners than were mined
         self.miner.nbr_ids = torch.where(keep, self.miner.nbr_ids, torch.full_like(self.miner.nbr_ids, -1))
 
-    def on_epoch_start(self, epoch: int, parts, loader) -> dict:
-        self.miner.to(parts.accelerator.device)
-        if self.cfg.method.sepp.mode == "pair" and getattr(loader, "key_partners", "absent") is None:
-            loader.set_key_partners(self.miner.nbr_ids, self.cfg.method.sepp.rho)
-        elif self.cfg.method.sepp.mode == "pair" and not hasattr(loader, "set_key_partners"):
+    def prepare(self, parts, loader) -> None:
+        super().prepare(parts, loader)
+        if self.cfg.method.sepp.mode != "pair":
+            return
+        if not hasattr(loader, "set_key_partners"):
             raise ValueError(f"method.sepp.mode=pair needs a backend that can draw the key view from a partner "
                              f"image (torch, gpu_tensor, synthetic); data.backend={self.cfg.data.backend!r} cannot: "
                              f"use method.sepp.mode=multi")
-        return {}
+        loader.set_key_partners(self.miner.nbr_ids, self.cfg.method.sepp.rho)
 
     def assign(self, sims: Sims, sc: dict) -> Target:
         c = self.cfg.method.sepp

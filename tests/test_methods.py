@@ -1,0 +1,149 @@
+"""Every method through the real trainer on the tiny config: METHODS.md identities, resume, 2 processes."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastcl.config import load_config
+from fastcl.mining.miner import NeighbourMiner
+from fastcl.pipelines import build_loader
+from fastcl.train import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs/test/tiny.yaml")
+IFND = ["method.name=ifnd", "method.ifnd.levels=[4,8]", "method.ifnd.warmup_epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def sepp_table(tmp_path_factory):
+    """A neighbour table mined from the synthetic images (k=3, no threshold)."""
+    cfg = load_config(TINY)
+    loader = build_loader(cfg, 0, 1, "cpu")
+    emb = F.normalize(loader.images(torch.arange(cfg.data.num_samples), 16).flatten(1), dim=1)
+    miner = NeighbourMiner(cfg.data.num_samples, 3, 0.0)
+    miner.mine(emb)
+    path = str(tmp_path_factory.mktemp("sepp") / "table.npz")
+    miner.save(path)
+    empty = NeighbourMiner(cfg.data.num_samples, 3, 0.0)
+    empty_path = path.replace("table.npz", "empty.npz")
+    empty.save(empty_path)
+    return path, empty_path
+
+
+def losses(tmp_path, name, over, epochs=3):
+    run = str(tmp_path / name)
+    train(load_config(TINY, over + [f"trainer.run_dir={run}", f"trainer.epochs={epochs}"]))
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+def test_sce_lambda_one_is_moco(tmp_path):
+    assert losses(tmp_path, "sce", ["method.name=sce", "method.sce.lam=1.0"]) == pytest.approx(
+        losses(tmp_path, "moco", []), abs=1e-6)
+
+
+def test_sce_soft_targets_change_training(tmp_path):
+    assert losses(tmp_path, "sce", ["method.name=sce"])[3:] != pytest.approx(losses(tmp_path, "moco", [])[3:], abs=1e-3)
+
+
+def test_sane_lambda_zero_is_moco_with_batch_negatives(tmp_path):
+    base = ["method.batch_negatives=true"]
+    assert losses(tmp_path, "sane", base + ["method.name=sane", "method.sane.lam=0.0"]) == pytest.approx(
+        losses(tmp_path, "moco", base), abs=1e-6)
+
+
+def test_ifnd_acceptance_zero_is_moco(tmp_path):
+    assert losses(tmp_path, "ifnd", IFND + ["method.ifnd.accept_end=0.0"]) == pytest.approx(
+        losses(tmp_path, "moco", []), abs=1e-6)
+
+
+def test_ifnd_labels_follow_the_acceptance_schedule(tmp_path):
+    run = tmp_path / "ifnd"
+    train(load_config(TINY, IFND + [f"trainer.run_dir={run}", "trainer.epochs=4"]))
+    recs = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    rates = [r["ifnd_rate"] for r in recs if "ifnd_rate" in r]
+    accepted = [r["ifnd_accepted"] for r in recs if "ifnd_accepted" in r]
+    assert rates[0] == 0.0 and rates == sorted(rates) and rates[-1] == 1.0  # warm-up, monotone, a(E) = 1
+    assert accepted == sorted(accepted) and accepted[-1] == 1.0
+
+
+def test_sepp_rho_zero_or_empty_table_is_moco(tmp_path, sepp_table):
+    table, empty = sepp_table
+    moco = losses(tmp_path, "moco", [])
+    assert losses(tmp_path, "r0", ["method.name=sepp", f"method.sepp.table_path={table}", "method.sepp.rho=0.0",
+                                   "method.sepp.mask_partners=false"]) == pytest.approx(moco, abs=1e-6)
+    assert losses(tmp_path, "empty", ["method.name=sepp", f"method.sepp.table_path={empty}",
+                                      "method.sepp.mode=multi"]) == pytest.approx(moco, abs=1e-6)
+    assert losses(tmp_path, "pair", ["method.name=sepp", f"method.sepp.table_path={table}", "method.sepp.rho=1.0"]
+                  )[3:] != pytest.approx(moco[3:], abs=1e-3)
+
+
+def test_sepp_missing_table_is_a_clear_error(tmp_path, capsys):
+    from fastcl.train import main
+    assert main(["--config", TINY, "method.name=sepp", "method.sepp.table_path=/nope.npz",
+                 f"trainer.run_dir={tmp_path}"]) == 2
+    assert "method.sepp.table_path='/nope.npz'" in capsys.readouterr().err
+
+
+METHOD_OVERRIDES = {
+    "sce": ["method.name=sce"],
+    "sane": ["method.name=sane", "method.batch_negatives=true"],
+    "ifnd": IFND,
+    "sepp": ["method.name=sepp"],  # table added per test
+    "oracle": ["method.name=oracle"],
+}
+
+
+def _over(method, sepp_table):
+    over = list(METHOD_OVERRIDES[method])
+    if method == "sepp":
+        over.append(f"method.sepp.table_path={sepp_table[0]}")
+    return over
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_OVERRIDES))
+def test_resume_is_exact_for_every_method(tmp_path, method, sepp_table):
+    over = _over(method, sepp_table) + ["trainer.epochs=3", "trainer.ckpt_every=5"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    train(load_config(TINY, over + [f"trainer.run_dir={full}"]))
+    train(load_config(TINY, over + [f"trainer.run_dir={part}", "trainer.max_steps=5"]))  # mid-epoch 1
+    train(load_config(TINY, over + [f"trainer.run_dir={part}", "trainer.resume=auto"]))
+    get = lambda d: {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(d, "metrics.jsonl"))) if "loss" in r}
+    a, b = get(full), get(part)
+    assert [abs(a[s] - b[s]) < 1e-6 for s in range(6, 13)] == [True] * 7, (a, b)
+    sa = torch.load(os.path.join(full, "checkpoints/step_00000012/custom_checkpoint_1.pkl"), weights_only=True)
+    sb = torch.load(os.path.join(part, "checkpoints/step_00000012/custom_checkpoint_1.pkl"), weights_only=True)
+    for k in sa:
+        if torch.is_tensor(sa[k]):
+            assert torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6), k
+    if method == "ifnd":  # the miner's labels travel in the method's extra state
+        la, lb = sa["_extra_state"]["miner"]["labels"], sb["_extra_state"]["miner"]["labels"]
+        assert torch.equal(la, lb) and (la >= 0).any()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(METHOD_OVERRIDES))
+def test_two_processes(tmp_path, method, sepp_table):
+    """2 gloo processes: queues identical across ranks, each id once per epoch; deterministic methods give
+    the loss of the 1-process run (SANE permutes partners within each rank's batch, so it differs)."""
+    over = _over(method, sepp_table) + ["data.num_samples=48", "optim.lr=0.002"]
+    worker = os.path.join(REPO, "tests/_dist_train_worker.py")
+    bin_dir = os.path.dirname(sys.executable)
+    for n in (1, 2) if method != "sane" else (2,):
+        os.makedirs(tmp_path / f"w{n}")
+        r = subprocess.run([os.path.join(bin_dir, "torchrun"), "--standalone", f"--nproc_per_node={n}", worker, TINY,
+                            str(tmp_path / f"w{n}")] + over + [f"trainer.run_dir={tmp_path / f'r{n}'}"],
+                           capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"w2/rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert torch.equal(r0["queue_ids"], r1["queue_ids"]) and torch.allclose(r0["queue_keys"], r1["queue_keys"])
+    for ids in r0["ids"].values():
+        assert sorted(ids) == list(range(48))
+    assert r0["losses"] == r1["losses"]  # all-reduced: every rank logs the same loss
+    if method != "sane":
+        one = torch.load(tmp_path / "w1/rank0.pt", weights_only=False)
+        assert r0["losses"] == pytest.approx(one["losses"], abs=2e-5)
