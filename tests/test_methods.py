@@ -130,7 +130,8 @@ def test_resume_is_exact_for_every_method(tmp_path, method, sepp_table):
 def test_two_processes(tmp_path, method, sepp_table):
     """2 gloo processes: queues identical across ranks, each id once per epoch; deterministic methods give
     the loss of the 1-process run (SANE permutes partners within each rank's batch, so it differs)."""
-    over = _over(method, sepp_table) + ["data.num_samples=48", "optim.lr=0.002"]
+    n_samples = 64 if method == "sepp" else 48  # the SePP table is mined for all 64 synthetic samples
+    over = _over(method, sepp_table) + [f"data.num_samples={n_samples}", "optim.lr=0.002"]
     worker = os.path.join(REPO, "tests/_dist_train_worker.py")
     bin_dir = os.path.dirname(sys.executable)
     for n in (1, 2) if method != "sane" else (2,):
@@ -142,7 +143,7 @@ def test_two_processes(tmp_path, method, sepp_table):
     r0, r1 = (torch.load(tmp_path / f"w2/rank{r}.pt", weights_only=False) for r in (0, 1))
     assert torch.equal(r0["queue_ids"], r1["queue_ids"]) and torch.allclose(r0["queue_keys"], r1["queue_keys"])
     for ids in r0["ids"].values():
-        assert sorted(ids) == list(range(48))
+        assert sorted(ids) == list(range(n_samples))
     assert r0["losses"] == r1["losses"]  # all-reduced: every rank logs the same loss
     if method != "sane":
         one = torch.load(tmp_path / "w1/rank0.pt", weights_only=False)
