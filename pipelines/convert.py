@@ -110,8 +110,9 @@ def _load_source(src: str, split: str, max_samples: int) -> _Source:
 
 # ---------------------------------------------------------------- verification
 
-def _verify(path: str) -> tuple[str, str | None]:
-    """Open and fully decode one file. Returns (mode, None) or ("", reason). Runs in the worker pool."""
+def _verify(path: str) -> tuple[str, int, str | None]:
+    """Open and fully decode one file. Returns (mode, height * width, None) or ("", 0, reason). Runs in the
+    worker pool."""
     from PIL import Image
 
     try:
@@ -119,32 +120,48 @@ def _verify(path: str) -> tuple[str, str | None]:
             mode = im.mode
             im.load()  # decodes every byte: catches truncated files that open() alone accepts
             im.convert("RGB")  # modes PIL cannot map to RGB fail here rather than inside the writer
-        return mode, None
+            return mode, im.width * im.height, None
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
-        return "", f"{type(e).__name__}: {e}"
+        return "", 0, f"{type(e).__name__}: {e}"
 
 
-def _verify_all(paths: list[str], workers: int, strict: bool, progress: bool) -> tuple[list[int], list[dict], dict]:
-    """Decode every file in a pool. Returns (good positions, skipped records, {mode: count})."""
+def _verify_all(paths: list[str], workers: int, strict: bool,
+                progress: bool) -> tuple[list[int], list[dict], dict, int]:
+    """Decode every file in a pool. Returns (good positions, skipped records, {mode: count}, max pixels)."""
     from tqdm import tqdm
 
-    good, skipped, modes = [], [], {}
+    good, skipped, modes, max_pixels = [], [], {}, 0
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     chunk = max(1, min(64, len(paths) // (workers * 8) or 1))
     with ctx.Pool(workers) as pool:
         it = pool.imap(_verify, paths, chunksize=chunk)  # ordered: "first bad file" is in id order
-        for pos, (mode, err) in enumerate(tqdm(it, total=len(paths), desc="verify", disable=not progress,
-                                               file=sys.stderr)):
+        for pos, (mode, pixels, err) in enumerate(tqdm(it, total=len(paths), desc="verify", disable=not progress,
+                                                       file=sys.stderr)):
             if err is None:
                 good.append(pos)
                 modes[mode] = modes.get(mode, 0) + 1
+                max_pixels = max(max_pixels, pixels)
                 continue
             if strict:
                 pool.terminate()
                 raise ConversionError(f"{paths[pos]}: unreadable image ({err}); --strict stops here, nothing written")
             print(f"convert: skipping {paths[pos]}: {err}", file=sys.stderr)
             skipped.append({"path": paths[pos], "scan_position": pos, "reason": err})
-    return good, skipped, modes
+    return good, skipped, modes, max_pixels
+
+
+def _page_size(max_pixels: int, max_resolution: int | None) -> int:
+    """ffcv page size (a power of two >= 8 MiB) that holds the largest stored image: a sample larger than a
+    page makes ffcv's writer process die, and its parent then waits forever."""
+    if max_resolution:
+        max_pixels = min(max_pixels, max_resolution * max_resolution)
+    need = 3 * max_pixels + (1 << 16)  # raw bytes; a JPEG of it is smaller; margin for the allocator
+    page = 1 << 23
+    while page < need:
+        page <<= 1
+    if page >= 1 << 32:
+        raise ConversionError(f"an image of {max_pixels} pixels does not fit an ffcv page; pass --max-resolution")
+    return page
 
 
 # ---------------------------------------------------------------- writing
@@ -238,8 +255,9 @@ def convert(src: str, out: str, *, split: str = "train", max_resolution: int | N
     source = _load_source(src, split, max_samples)
     skipped: list[dict] = []
     modes: dict[str, int] = {"RGB": len(source.labels)} if source.images is not None else {}
+    max_pixels = int(np.prod(source.images.shape[1:3])) if source.images is not None else 0
     if source.paths is not None:
-        good, skipped, modes = _verify_all(source.paths, workers, strict, progress)
+        good, skipped, modes, max_pixels = _verify_all(source.paths, workers, strict, progress)
         source.paths = [source.paths[p] for p in good]
         source.labels = source.labels[good]
     n = len(source.labels)
@@ -259,7 +277,8 @@ def convert(src: str, out: str, *, split: str = "train", max_resolution: int | N
             "label": IntField(),
             "index": IntField(),
         }
-        writer = DatasetWriter(tmp, fields, num_workers=min(workers, max(1, n // chunk_size + 1)))
+        writer = DatasetWriter(tmp, fields, page_size=_page_size(max_pixels, max_resolution),
+                               num_workers=min(workers, max(1, n // chunk_size + 1)))
         if not progress:  # ffcv's writer prints its own tqdm bar; silence it by routing to devnull
             with open(os.devnull, "w") as devnull:
                 _stderr, sys.stderr = sys.stderr, devnull

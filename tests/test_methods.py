@@ -148,3 +148,22 @@ def test_two_processes(tmp_path, method, sepp_table):
     if method != "sane":
         one = torch.load(tmp_path / "w1/rank0.pt", weights_only=False)
         assert r0["losses"] == pytest.approx(one["losses"], abs=2e-5)
+
+
+@pytest.mark.parametrize("method", ["mocov2", "simclr", "sce", "ifnd", "sane"])
+def test_training_never_reads_labels(tmp_path, monkeypatch, method):
+    """Permuting every label the loader hands out leaves training bit-identical (labels reach diagnostics only)."""
+    over = {"mocov2": [], "simclr": ["method.name=simclr", "method.queue_size=0"],
+            **{k: v for k, v in METHOD_OVERRIDES.items() if k in ("sce", "ifnd", "sane")}}[method]
+    ref = losses(tmp_path, "ref", over)
+    from fastcl.pipelines.batch import Batch
+    from fastcl.pipelines.synthetic import SyntheticLoader
+    orig_iter = SyntheticLoader.__iter__
+
+    def permuted(self):
+        self.labels = (self.labels * 7 + 3) % 11  # the label table too
+        for b in orig_iter(self):
+            yield Batch(b.views, b.index, (b.label * 7 + 3) % 11)
+
+    monkeypatch.setattr(SyntheticLoader, "__iter__", permuted)
+    assert losses(tmp_path, "perm", over) == ref
