@@ -21,6 +21,7 @@ from fastcl.methods.base import ContrastiveMethod, Sims
 from fastcl.models import ema_update
 from fastcl.objectives import soft_cross_entropy
 from fastcl.pipelines.batch import Batch
+from fastcl.timing import StageTimer
 
 
 class Student(nn.Module):
@@ -45,6 +46,12 @@ class StepParts:
     precision: str  # "fp32" | "bf16"
     channels_last: bool
     clip_grad: float
+    timer: StageTimer | None = None  # per-stage timing (CUDA events / perf counters), read at log steps
+    skip_nonfinite: bool = False  # skip the update of a step whose loss or gradient is not finite
+
+
+def _stage(parts: StepParts, name: str):
+    return parts.timer(name) if parts.timer is not None else contextlib.nullcontext()
 
 
 def _autocast(device: torch.device, precision: str):
@@ -67,10 +74,12 @@ def queue_pair_loss(parts: StepParts, batch: Batch, qv: int, kv: int, ids_all: T
     """MoCo layout for one (query view, key view) pair. Returns (loss, gathered keys [WB,D], logs)."""
     method, views = parts.method, batch.views
     b, r = views[qv].shape[0], dist.rank()
-    q = _embed(parts.student, views[qv], parts)  # [B, D]
-    with torch.no_grad():
-        k = _embed(parts.teacher, views[kv], parts)  # [B, D]
-    k_all = dist.gather(k)  # [WB, D], once per pair
+    with _stage(parts, "forward"):
+        q = _embed(parts.student, views[qv], parts)  # [B, D]
+        with torch.no_grad():
+            k = _embed(parts.teacher, views[kv], parts)  # [B, D]
+    with _stage(parts, "gather"):
+        k_all = dist.gather(k)  # [WB, D], once per pair
     wb = k_all.shape[0]
     pos = r * b + torch.arange(b, device=q.device)  # own key's column in the gathered batch
     cols, col_ids = k_all, ids_all
@@ -82,16 +91,18 @@ def queue_pair_loss(parts: StepParts, batch: Batch, qv: int, kv: int, ids_all: T
     if not parts.method.cfg.method.batch_negatives:
         valid[:, :wb] = False  # MoCo: only the own key among the batch keys
     valid[torch.arange(b, device=q.device), pos] = True
-    student_sims = q @ cols.T  # [B, C]
-    teacher_sims = (k @ cols.T) if method.needs_teacher_sims else None
-    sims = Sims(student_sims, teacher_sims, pos, valid, batch.index, col_ids)
-    target = method.assign(sims, sc)
-    loss = soft_cross_entropy(student_sims / method.tau, target.prob, target.valid)
-    extra = method.extra_loss(dict(parts=parts, batch=batch, qv=qv, kv=kv, cols=cols, sims=sims, target=target,
-                                   base_loss=loss, sc=sc, step=step))
+    with _stage(parts, "assign"):
+        student_sims = q @ cols.T  # [B, C]
+        teacher_sims = (k @ cols.T) if method.needs_teacher_sims else None
+        sims = Sims(student_sims, teacher_sims, pos, valid, batch.index, col_ids)
+        target = method.assign(sims, sc)
+        loss = soft_cross_entropy(student_sims / method.tau, target.prob, target.valid)
+        extra = method.extra_loss(dict(parts=parts, batch=batch, qv=qv, kv=kv, cols=cols, sims=sims, target=target,
+                                       base_loss=loss, sc=sc, step=step))
     if extra is not None:
         loss = extra  # the method combines base and extra terms itself (e.g. (1-λ)·L_c + λ·L_mix)
-    logs = {"pos_sim": (q * k).sum(1).mean().detach()}
+    # the pair's layout and target stay available to the trainer's diagnostics (read at log steps only)
+    logs = {"pos_sim": (q * k).sum(1).mean().detach(), "_sims": sims, "_target": target}
     return loss, k_all, logs
 
 
@@ -101,8 +112,10 @@ def inbatch_loss(parts: StepParts, batch: Batch, ids_all: Tensor, sc: dict) -> t
     b, r = views[0].shape[0], dist.rank()
     # One forward over both views (as SimCLR does): BN statistics over the 2B images, and one forward per
     # backward keeps DDP's gradient reduction exact (two forwards before one backward drifted on 2 ranks).
-    z1, z2 = _embed(parts.student, torch.cat([views[0], views[1]]), parts).split(b)
-    c1, c2 = dist.gather_with_grad(z1), dist.gather_with_grad(z2)  # [WB, D] each, gradients flow back
+    with _stage(parts, "forward"):
+        z1, z2 = _embed(parts.student, torch.cat([views[0], views[1]]), parts).split(b)
+    with _stage(parts, "gather"):
+        c1, c2 = dist.gather_with_grad(z1), dist.gather_with_grad(z2)  # [WB, D] each, gradients flow back
     wb = c1.shape[0]
     cols = torch.cat([c1, c2])  # [2WB, D]
     rows = torch.cat([z1, z2])  # [2B, D]
@@ -112,12 +125,13 @@ def inbatch_loss(parts: StepParts, batch: Batch, ids_all: Tensor, sc: dict) -> t
     valid = torch.ones(2 * b, 2 * wb, dtype=torch.bool, device=z1.device)
     valid[torch.arange(2 * b, device=z1.device), self_col] = False
     col_ids = torch.cat([ids_all, ids_all])
-    student_sims = rows @ cols.T
-    teacher_sims = student_sims.detach() if method.needs_teacher_sims else None
-    sims = Sims(student_sims, teacher_sims, pos, valid, torch.cat([batch.index, batch.index]), col_ids)
-    target = method.assign(sims, sc)
-    loss = soft_cross_entropy(student_sims / method.tau, target.prob, target.valid)
-    logs = {"pos_sim": (z1 * z2).sum(1).mean().detach()}
+    with _stage(parts, "assign"):
+        student_sims = rows @ cols.T
+        teacher_sims = student_sims.detach() if method.needs_teacher_sims else None
+        sims = Sims(student_sims, teacher_sims, pos, valid, torch.cat([batch.index, batch.index]), col_ids)
+        target = method.assign(sims, sc)
+        loss = soft_cross_entropy(student_sims / method.tau, target.prob, target.valid)
+    logs = {"pos_sim": (z1 * z2).sum(1).mean().detach(), "_sims": sims, "_target": target}
     keys = torch.cat([c1, c2]).detach()
     return loss, keys, col_ids, logs
 
@@ -127,8 +141,10 @@ def train_step(parts: StepParts, batch: Batch, sc: dict, step: int) -> dict[str,
     method = parts.method
     parts.optimizer.zero_grad(set_to_none=True)
     if parts.teacher is not None:
-        ema_update(parts.teacher, parts.accelerator.unwrap_model(parts.student).encoder, float(sc["ema"]))
-    ids_all = dist.gather(batch.index)  # [WB] global ids, gathered once per step
+        with _stage(parts, "ema"):
+            ema_update(parts.teacher, parts.accelerator.unwrap_model(parts.student).encoder, float(sc["ema"]))
+    with _stage(parts, "gather"):
+        ids_all = dist.gather(batch.index)  # [WB] global ids, gathered once per step
     if method.inbatch:
         loss, keys, key_ids, logs = inbatch_loss(parts, batch, ids_all, sc)
     else:
@@ -138,10 +154,22 @@ def train_step(parts: StepParts, batch: Batch, sc: dict, step: int) -> dict[str,
             losses.append(pair_loss)
         loss = torch.stack(losses).mean()
         keys, key_ids = torch.cat(list(keys_by_view.values())), ids_all.repeat(len(keys_by_view))
-    parts.accelerator.backward(loss)
-    if parts.clip_grad > 0:
-        logs["grad_norm"] = parts.accelerator.clip_grad_norm_(parts.student.parameters(), parts.clip_grad)
-    parts.optimizer.step()
-    method.after_step(keys, key_ids)
+    with _stage(parts, "backward"):
+        parts.accelerator.backward(loss)
+    with _stage(parts, "optimizer"):
+        # The grad norm doubles as the non-finite check of every gradient (one fused reduction, no sync).
+        max_norm = parts.clip_grad if parts.clip_grad > 0 else float("inf")
+        grad_norm = parts.accelerator.clip_grad_norm_(parts.student.parameters(), max_norm)
+        logs["grad_norm"] = grad_norm.detach() if torch.is_tensor(grad_norm) else torch.tensor(grad_norm)
+        logs["nonfinite_loss"], logs["nonfinite_grad"] = ~torch.isfinite(loss.detach()), ~torch.isfinite(logs["grad_norm"])
+        if parts.skip_nonfinite and bool(logs["nonfinite_loss"] | logs["nonfinite_grad"]):  # host sync (opt-in)
+            parts.optimizer.zero_grad(set_to_none=True)
+            logs["skipped"] = torch.ones(())
+        else:
+            parts.optimizer.step()
+            method.after_step(keys, key_ids)
+            logs["skipped"] = torch.zeros(())
+    if parts.timer is not None:
+        parts.timer.step_done()
     logs["loss"] = loss.detach()
     return logs

@@ -33,7 +33,9 @@ from fastcl.models import build_encoder, build_predictor, convert_sync_bn, make_
 from fastcl.optim import build_optimizer, set_lr_wd  # noqa: E402
 from fastcl.pipelines import build_loader  # noqa: E402
 from fastcl.schedules import build_schedules  # noqa: E402
+from fastcl.eval.diagnostics import fn_diagnostics  # noqa: E402
 from fastcl.step import StepParts, Student, train_step  # noqa: E402
+from fastcl.timing import StageTimer  # noqa: E402
 
 
 class SetupError(RuntimeError):
@@ -148,12 +150,61 @@ def setup(cfg, accelerator):
         if resumed is None:
             raise SetupError(f"trainer.resume={t.resume}: none of {len(candidates)} checkpoints could be loaded")
     parts = StepParts(student, teacher, method, optimizer, accelerator, resolve_precision(cfg, device),
-                      t.channels_last, o.clip_grad)
+                      t.channels_last, o.clip_grad, StageTimer(device), t.skip_nonfinite)
     try:
         method.prepare(parts, loader)
     except (FileNotFoundError, ValueError) as e:
         raise SetupError(f"{e}") from None
     return parts, loader, sched, state, expect, resumed
+
+
+class Health:
+    """Non-finite loss/gradient bookkeeping without a per-step host sync.
+
+    Flags accumulate on the device and are checked when the trainer logs or checkpoints; the first bad step
+    and the tensor (loss or gradient) are reported. With trainer.skip_nonfinite the step itself skips bad
+    updates (one sync per step) and they are only counted here.
+    """
+
+    def __init__(self, device):
+        self.bad_loss = torch.zeros((), dtype=torch.bool, device=device)
+        self.bad_grad = torch.zeros((), dtype=torch.bool, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.skipped_t = torch.zeros((), device=device)
+
+    def update(self, logs: dict, step: int) -> None:
+        kept = logs["skipped"] == 0  # a skipped step changed nothing: it never stops the run
+        self.skipped_t += logs["skipped"]
+        nl, ng = logs["nonfinite_loss"] & kept, logs["nonfinite_grad"] & kept
+        self.first_bad = torch.where((nl | ng) & (self.first_bad < 0), torch.full_like(self.first_bad, step + 1),
+                                     self.first_bad)
+        self.bad_loss |= nl
+        self.bad_grad |= ng
+
+    @property
+    def skipped(self) -> int:
+        return int(self.skipped_t)  # host sync (log steps)
+
+    def check(self, run_dir: str) -> None:
+        if bool(self.bad_loss | self.bad_grad):  # host sync (log / checkpoint steps)
+            which = "loss" if bool(self.bad_loss) else "gradient"
+            raise FloatingPointError(
+                f"non-finite {which} at step {int(self.first_bad)}: stopping; the last good checkpoint is in "
+                f"{run_dir}/checkpoints (resume with --resume auto, lower optim.lr or set trainer.skip_nonfinite=true)")
+
+
+def diagnose(method, logs: dict, loader) -> dict:
+    """False-negative diagnostics of the step's last pair (reads TRUE labels; logging only)."""
+    labels = getattr(loader, "labels", None)
+    if labels is None or "_sims" not in logs or not bool((torch.as_tensor(labels) >= 0).any()):
+        return {}
+    miner = getattr(method, "miner", None)
+    pseudo = getattr(miner, "labels", None) if miner is not None else None
+    out = fn_diagnostics(logs["_sims"], logs["_target"], torch.as_tensor(labels), pseudo)
+    if miner is not None and hasattr(miner, "nbr_ids"):
+        from fastcl.mining.knn import pair_precision
+        out["partner_precision"] = pair_precision(miner.nbr_ids.cpu(), torch.as_tensor(labels).cpu())
+    return out
 
 
 def _skip(loader, state: ckpt.TrainState):
@@ -184,7 +235,7 @@ def train(cfg) -> dict:
     result = {"knn_top1": None, "knn_init": None}
 
     def log(record: dict):
-        record = {k: (float(v) if torch.is_tensor(v) else v) for k, v in record.items()}
+        record = {k: (float(v) if torch.is_tensor(v) else v) for k, v in record.items()}  # host sync (log steps)
         if is_main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -200,7 +251,10 @@ def train(cfg) -> dict:
         log({"step": state.step, "epoch": epoch, "knn_top1": acc})
 
     def save_ckpt():
+        health.check(t.run_dir)  # never write a checkpoint of non-finite weights
         ckpt.save(accelerator, t.run_dir, state, expect, t.ckpt_keep)
+
+    health = Health(parts.accelerator.device)
 
     if resumed is None:
         monitor(0)  # the same network at random initialisation: the baseline the run must beat
@@ -216,24 +270,30 @@ def train(cfg) -> dict:
             hook_logs = parts.method.on_epoch_start(state.epoch, parts, loader)
             if hook_logs:
                 log({"step": state.step, "epoch": state.epoch, **hook_logs})
-        for batch in _skip(loader, state):
+        batches = _skip(loader, state)
+        while True:
+            with parts.timer("data"):  # time spent waiting for the loader
+                batch = next(batches, None)
+            if batch is None:
+                break
             sc = {k: v[state.step] for k, v in sched.items()}
             set_lr_wd(parts.optimizer, float(sc["lr"]), float(sc["wd"]))
             logs = train_step(parts, batch, sc, state.step)
+            health.update(logs, state.step)
             state.step += 1
             state.batches_done += 1
             window_steps += 1
             bar.update(1)
             if state.step % t.log_every == 0 or state.step == last_step:
-                loss = float(dist.all_reduce_mean(logs["loss"]))  # host sync: the only one of the hot path
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss {loss} at step {state.step}; last good checkpoint "
-                                             f"is kept in {t.run_dir}/checkpoints")
+                health.check(t.run_dir)  # host sync: the only one of the hot path (with the loss read below)
+                loss = float(dist.all_reduce_mean(logs["loss"]))
                 now = time.perf_counter()
                 ips = window_steps * gbatch / max(now - window_t, 1e-9)
                 window_t, window_steps = now, 0
                 rec = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": float(sc["lr"]),
-                       "img_per_s": ips, **{k: v for k, v in logs.items() if k != "loss"}}
+                       "img_per_s": ips, "pos_sim": logs["pos_sim"], "grad_norm": logs["grad_norm"],
+                       "skipped_steps": health.skipped, **parts.timer.read(),
+                       **diagnose(parts.method, logs, loader)}
                 log(rec)
                 result["final_loss"] = loss
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{float(sc['lr']):.3g}", img_s=f"{ips:.0f}")
@@ -268,6 +328,9 @@ def main(argv=None) -> int:
             raise
         print(f"fastcl: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:
+        print(f"fastcl: error: {e}", file=sys.stderr)
+        return 3
     if dist.rank() == 0:
         print(json.dumps(result))
     return 0

@@ -55,7 +55,8 @@ def test_resume_continues_the_same_trajectory(tmp_path, method):
     # the method state (queue keys + ids) ends identical
     qa = torch.load(os.path.join(full, "checkpoints/step_00000008/custom_checkpoint_1.pkl"), weights_only=True)
     qb = torch.load(os.path.join(part, "checkpoints/step_00000008/custom_checkpoint_1.pkl"), weights_only=True)
-    assert qa.keys() == qb.keys() and all(torch.allclose(qa[k].float(), qb[k].float(), atol=1e-6) for k in qa)
+    assert qa.keys() == qb.keys() and all(torch.allclose(qa[k].float(), qb[k].float(), atol=1e-6) for k in qa
+                                          if torch.is_tensor(qa[k]))
 
 
 def test_existing_run_dir_without_resume_is_refused(tmp_path, capsys):
@@ -140,3 +141,51 @@ def test_accelerate_launch_two_processes(tmp_path):
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-4000:]
     assert len(_losses(str(tmp_path / "run"))) == 8
+
+
+def _nan_on_step(monkeypatch, bad_steps):
+    """Make the loss NaN on the given (0-based) steps by poisoning the step's soft cross-entropy."""
+    import fastcl.step as step_mod
+    orig, calls = step_mod.soft_cross_entropy, {"n": 0}
+
+    def poisoned(logits, target, valid=None):
+        out = orig(logits, target, valid)
+        calls["n"] += 1
+        return out * float("nan") if calls["n"] - 1 in bad_steps else out
+
+    monkeypatch.setattr(step_mod, "soft_cross_entropy", poisoned)
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    _nan_on_step(monkeypatch, {5})  # step 6 (1-based) goes bad; checkpoints every 2 steps, log every 4
+    code = main(["--config", TINY, f"trainer.run_dir={run}", "trainer.ckpt_every=2", "trainer.log_every=4"])
+    err = capsys.readouterr().err
+    assert code == 3 and "non-finite loss at step 6" in err and len(err.strip().splitlines()) == 1
+    # the checkpoint at step 6 would hold NaN weights: it is refused, step 4 is the last one written
+    assert sorted(os.listdir(run / "checkpoints")) == ["step_00000002", "step_00000004"]
+
+
+def test_skip_nonfinite_skips_and_counts(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    _nan_on_step(monkeypatch, {2})
+    result = train(load_config(TINY, [f"trainer.run_dir={run}", "trainer.skip_nonfinite=true"]))
+    assert result["steps"] == 8 and result["final_loss"] == result["final_loss"]  # finished, finite
+    assert _metrics(str(run))[-1]["skipped_steps"] == 1
+
+
+def test_damaged_newest_checkpoint_falls_back(tmp_path):
+    run = str(tmp_path / "run")
+    train(load_config(TINY, [f"trainer.run_dir={run}", "trainer.ckpt_every=2", "trainer.max_steps=6"]))
+    with open(os.path.join(run, "checkpoints/step_00000006/model.safetensors"), "wb") as f:
+        f.write(b"garbage")
+    with pytest.warns(UserWarning, match="step_00000006"):
+        result = train(load_config(TINY, [f"trainer.run_dir={run}", "trainer.resume=auto"]))
+    assert result["steps"] == 8
+    assert _losses(run)[8] == pytest.approx(_losses_of_fresh(tmp_path)[8], abs=1e-6)
+
+
+def _losses_of_fresh(tmp_path):
+    run = str(tmp_path / "fresh")
+    train(load_config(TINY, [f"trainer.run_dir={run}"]))
+    return _losses(run)

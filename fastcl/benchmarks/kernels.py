@@ -1,10 +1,10 @@
-"""`python -m fastcl.bench kernels [--rows 256] [--cols 65536] [--repeats 5] [--levels 3] [--threads N]`
+"""`python -m fastcl.bench kernels [--rows 256] [--cols 65536] [--repeats 5] [--levels 3] [--threads N] [--name S]`
 
 Times each label-assignment kernel, torch reference (``fastcl.kernels.reference``) against the numba CPU kernel
 (``fastcl.kernels.cpu``), and against the numba.cuda kernel on a GPU when one is usable, at B x C fp32
 (default 256 x 65,536: a batch against a MoCo-size queue):
 
-* ``sce_target``   λ = 0.5, τ_m = 0.05 (SCE ImageNet-ish), exact self-exclusion, all columns valid;
+* ``sce_target``   λ = 0.5, τ_m = 0.05 (SCE's CIFAR-10 config), exact self-exclusion, all columns valid;
 * ``slr_target``   µ = 1, temperature 0.2 · 0.8 = 0.16 (SANE CIFAR), all columns valid;
 * ``ifnd_valid``   L levels of pseudo-labels (cluster counts 100, 200, 400, ...; 30 % unaccepted = −1);
 * ``ifnd_attraction_target`` on the same labels.
@@ -26,6 +26,14 @@ import torch
 
 from fastcl.benchmarks.common import time_repeats, write_evidence
 from fastcl.kernels import reference
+
+
+def _load() -> list[float] | None:
+    """1/5/15-minute load averages: other processes on the machine skew CPU timings (docs/BENCHMARKS.md)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _inputs(rows: int, cols: int, levels: int, device: str, seed: int = 0):
@@ -85,10 +93,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=0, help="torch and numba threads (0 = leave the defaults)")
     ap.add_argument("--no-cpu", action="store_true", help="skip the CPU comparison (GPU runs)")
     ap.add_argument("--out-dir", default="docs/benchmarks")
+    ap.add_argument("--name", default="", help="evidence file stem (default kernels, or kernels-threadsN)")
     args = ap.parse_args(argv)
 
     import numba
 
+    load_start = _load()
     if args.threads:
         torch.set_num_threads(args.threads)
         numba.set_num_threads(args.threads)
@@ -109,18 +119,17 @@ def main(argv: list[str] | None = None) -> dict:
             cuda_note = "measured"
         else:
             cuda_note = "torch sees a GPU but numba.cuda is not usable"
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    path = write_evidence("kernels", {
+    name = args.name or (f"kernels-threads{args.threads}" if args.threads else "kernels")
+    path = write_evidence(name, {
         "command": "python -m fastcl.bench kernels " + " ".join(argv or []),
         "config": {"rows": args.rows, "cols": args.cols, "repeats": args.repeats, "levels": args.levels,
                    "dtype": "float32", "sce": {"lam": 0.5, "tau_m": 0.05}, "slr": {"mu": 1.0, "temperature": 0.16},
                    "ifnd": {"clusters": [100 * 2 ** lev for lev in range(args.levels)], "unaccepted": 0.3}},
         "threads": {"torch": torch.get_num_threads(), "numba": numba.get_num_threads(),
                     "numba_layer": numba.config.THREADING_LAYER},
-        "load_average_at_end": load,
+        "load_average_1_5_15min": {"start": load_start, "end": _load()},
+        # torch's allocator madvises huge pages when this is 1: page faults are a large share of both paths here
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
         "cuda": cuda_note,
         "timing": "interleaved rounds (reference, kernel) x repeats, each call via common.time_repeats(repeats=1); "
                   "first call of each implementation untimed (numba cache load / JIT excluded); "
