@@ -86,6 +86,11 @@ def all_reduce_mean(x: Tensor) -> Tensor:
     return y / world_size()
 
 
+def torch_dist_backend_needs_cuda() -> bool:
+    """NCCL only reduces CUDA tensors."""
+    return is_dist() and dist.get_backend() == "nccl"
+
+
 def barrier() -> None:
     if is_dist():
         dist.barrier()

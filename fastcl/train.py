@@ -18,6 +18,7 @@ if __name__ == "__main__":
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _here]
 
 import argparse  # noqa: E402
+import signal  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
@@ -193,6 +194,33 @@ class Health:
                 f"{run_dir}/checkpoints (resume with --resume auto, lower optim.lr or set trainer.skip_nonfinite=true)")
 
 
+class StopRequest:
+    """SIGTERM / SIGUSR1 (SLURM sends one before the time limit or on preemption) -> checkpoint and exit.
+
+    The handler only sets a flag; ranks agree on it at the next log step (one all-reduce there), write a
+    checkpoint together and leave the loop, so `--resume auto` continues the run after a requeue.
+    """
+
+    def __init__(self):
+        self.flag = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. a notebook executor): no handler
+                pass
+
+    def _handler(self, signum, frame):
+        self.flag = True
+
+    def agreed(self) -> bool:
+        f = torch.tensor([1.0 if self.flag else 0.0])
+        if dist.is_dist():
+            if dist.torch_dist_backend_needs_cuda():
+                f = f.cuda()
+            torch.distributed.all_reduce(f, op=torch.distributed.ReduceOp.MAX)
+        return bool(f.item() > 0)
+
+
 def diagnose(method, logs: dict, loader) -> dict:
     """False-negative diagnostics of the step's last pair (reads TRUE labels; logging only)."""
     labels = getattr(loader, "labels", None)
@@ -255,6 +283,7 @@ def train(cfg) -> dict:
         ckpt.save(accelerator, t.run_dir, state, expect, t.ckpt_keep)
 
     health = Health(parts.accelerator.device)
+    stop = StopRequest()
 
     if resumed is None:
         monitor(0)  # the same network at random initialisation: the baseline the run must beat
@@ -297,17 +326,25 @@ def train(cfg) -> dict:
                 log(rec)
                 result["final_loss"] = loss
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{float(sc['lr']):.3g}", img_s=f"{ips:.0f}")
+                if stop.agreed():
+                    result["preempted"] = True
+                    break
             if t.ckpt_every and state.step % t.ckpt_every == 0 and state.step < last_step:
                 save_ckpt()
             if state.step >= last_step:
                 break
+        if result.get("preempted"):
+            save_ckpt()
+            if is_main:
+                print(f"stop requested (signal): checkpoint written at step {state.step}; continue with --resume auto")
+            break
         if state.batches_done >= spe:  # epoch finished (not cut short by max_steps)
             state.epoch, state.batches_done = state.epoch + 1, 0
             if t.knn_every and state.epoch % t.knn_every == 0:
                 monitor(state.epoch)
         save_ckpt()
     bar.close()
-    if knn.enabled and (result["knn_top1"] is None or state.epoch % max(t.knn_every, 1)):
+    if knn.enabled and not result.get("preempted") and (result["knn_top1"] is None or state.epoch % max(t.knn_every, 1)):
         monitor(state.epoch)
     accelerator.end_training()
     result["steps"] = state.step

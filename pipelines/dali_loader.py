@@ -2,7 +2,8 @@
 
 Graph (`build_pipeline`): readers.file(files, labels=GLOBAL ids) -> decoders.image (mixed on a GPU) -> per view:
 random_resized_crop (linear, antialiased) -> color_twist (jitter with p=jitter_p, grayscale folded in as
-saturation 0 with p=gray_p) -> gaussian_blur with a per-sample sigma under a per-sample `if` (p=blur_p) ->
+saturation 0 with p=gray_p) -> gaussian_blur with a per-sample sigma (window cut at 3 sigma) under a
+per-sample `if` (p=blur_p) ->
 solarize by arithmetic under an `if` (p=solarize_p) -> crop_mirror_normalize (flip with p=flip_p, mean/std,
 HWC uint8 -> CHW float). Ops whose probability is 0 are left out of the graph. DALI has no `jitter` on the CPU
 and no solarize op, hence the choices above; docs/DATA.md lists every difference from the torch recipe.
@@ -20,8 +21,8 @@ dropped tail under drop_last), with `random_shuffle=False`, `num_shards=1`. The 
 copies of the last sample (`pad_last_batch`); those copies are cut off (the iterator knows the reader's epoch
 size, and the loader checks the count), so ids stay unique. Rebuilding costs well under a second per epoch.
 
-Randomness: the pipeline seed is `seed_for(seed, epoch, rank)`, so augmentations differ per rank and epoch
-and a run is reproducible on the same DALI version and device kind.
+Randomness: the pipeline seed is `seed_for(seed, epoch, rank, first batch)`, so augmentations differ per rank
+and epoch and a run is reproducible on the same DALI version and device kind.
 """
 from __future__ import annotations
 
@@ -54,7 +55,9 @@ def _view_graph(images, spec: ViewSpec, mean, std, fn, types, dmath):
         sat = factor(spec.saturation)
         if spec.gray_p > 0:  # grayscale = saturation 0 (luma kept), applied after the jitter's own saturation
             sat = sat * (1.0 - fn.cast(fn.random.coin_flip(probability=spec.gray_p), dtype=types.FLOAT))
-        hue = on * fn.random.uniform(range=[-360.0 * spec.hue, 360.0 * spec.hue]) if has_jitter and spec.hue > 0 else 0.0
+        hue = 0.0
+        if has_jitter and spec.hue > 0:  # torchvision's hue factor is a fraction of the colour circle
+            hue = on * fn.random.uniform(range=[-360.0 * spec.hue, 360.0 * spec.hue])
         x = fn.color_twist(x, brightness=factor(spec.brightness), contrast=factor(spec.contrast), saturation=sat,
                            hue=hue)
     if spec.blur_p > 0:

@@ -167,3 +167,20 @@ def test_cifar_python_batches(tmp_path):
         np.testing.assert_array_equal(f["index"], np.arange(len(labels[rows])))
         for i in range(len(f["index"])):
             np.testing.assert_array_equal(_raw_pixels(out, f["image"][i]), imgs[rows][i])
+
+
+@pytest.mark.timeout(180)
+def test_image_larger_than_ffcv_default_page(tmp_path):
+    """A raw 1800x1800 image (9.7 MB) exceeds ffcv's 8 MiB default page; its writer process would die and the
+    parent wait forever. convert() sizes the page from the largest image found during verification."""
+    src = tmp_path / "big"
+    src.mkdir()
+    y, x = np.mgrid[0:1800, 0:1800]
+    Image.fromarray(np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8)).save(src / "a.png")
+    out = str(tmp_path / "big.beton")
+    m = convert(str(src), out, write_mode="raw", workers=1, progress=False)
+    _, f = _fields(out)
+    assert m["num_samples"] == 1 and int(f["image"]["width"][0]) == 1800
+    m = convert(str(src), out, write_mode="raw", max_resolution=300, workers=1, overwrite=True, progress=False)
+    _, f = _fields(out)
+    assert int(f["image"]["width"][0]) == 300 and m["options"]["max_resolution"] == 300

@@ -16,6 +16,8 @@ of the statistic plus the estimator's pixel rounding, so a backend fails only on
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -25,6 +27,7 @@ from fastcl.pipelines import build_loader
 from fastcl.pipelines.augment import rrc_params
 from fastcl.pipelines.augspec import ViewSpec
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under --import-mode=importlib
 from test_ffcv_dali import BATCH, COORD_SIDE, make_cfg, shared_data  # noqa: E402 - one shared ffcv loader
 
 EPOCHS = (11, 12)

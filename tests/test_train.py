@@ -189,3 +189,31 @@ def _losses_of_fresh(tmp_path):
     run = str(tmp_path / "fresh")
     train(load_config(TINY, [f"trainer.run_dir={run}"]))
     return _losses(run)
+
+
+def test_sigterm_checkpoints_and_resume_continues(tmp_path):
+    """A preempted run (SIGTERM, as SLURM sends) writes a checkpoint and exits 0; --resume auto finishes it
+    with the same losses as an uninterrupted run."""
+    import signal
+    import time
+    run = tmp_path / "run"
+    # lr 0.002 and one thread in both processes: the tiny net at lr 0.05 amplifies thread-count rounding noise
+    slow = ["trainer.epochs=6", "data.num_samples=256", "trainer.log_every=1", "optim.lr=0.002"]
+    p = subprocess.Popen([PY, os.path.join(REPO, "fastcl/train.py"), "--config", TINY, f"trainer.run_dir={run}"] + slow,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                         env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-2000:]
+    assert "stop requested" in out and json.loads(out.strip().splitlines()[-1]).get("preempted") is True
+    stopped_at = json.loads(out.strip().splitlines()[-1])["steps"]
+    assert 0 < stopped_at < 96 and os.path.isdir(run / f"checkpoints/step_{stopped_at:08d}")
+    train(load_config(TINY, [f"trainer.run_dir={run}", "trainer.resume=auto"] + slow))
+    full = tmp_path / "full"
+    train(load_config(TINY, [f"trainer.run_dir={full}"] + slow))
+    a, b = _losses(str(full)), _losses(str(run))
+    assert all(abs(a[s] - b[s]) < 1e-6 for s in range(stopped_at + 1, 97))

@@ -7,7 +7,9 @@ Times each label-assignment kernel, torch reference (``fastcl.kernels.reference`
 * ``sce_target``   λ = 0.5, τ_m = 0.05 (SCE's CIFAR-10 config), exact self-exclusion, all columns valid;
 * ``slr_target``   µ = 1, temperature 0.2 · 0.8 = 0.16 (SANE CIFAR), all columns valid;
 * ``ifnd_valid``   L levels of pseudo-labels (cluster counts 100, 200, 400, ...; 30 % unaccepted = −1);
-* ``ifnd_attraction_target`` on the same labels.
+* ``ifnd_attraction_target`` on the same labels;
+* ``sce_target+valid``, ``slr_target+valid``: the same with a valid mask (1 % of columns masked), the code path the
+  methods use (they always pass a mask).
 
 Method: inputs built once; one untimed call per implementation first (numba cache load / JIT, CUDA module load are
 excluded and reported as such); then ``repeats`` rounds, each timing the reference once and the kernel once
@@ -46,15 +48,20 @@ def _inputs(rows: int, cols: int, levels: int, device: str, seed: int = 0):
     col_labels = torch.stack([torch.randint(0, kk, (cols,), generator=g) for kk in k])
     row_labels[torch.rand(row_labels.shape, generator=g) < 0.3] = -1
     col_labels[torch.rand(col_labels.shape, generator=g) < 0.3] = -1
-    return [t.to(device) for t in (sims, pos, row_labels, col_labels)]
+    valid = torch.rand(rows, cols, generator=g) > 0.01  # 1 % masked columns
+    valid[torch.arange(rows), pos] = True
+    return [t.to(device) for t in (sims, pos, row_labels, col_labels, valid)]
 
 
-def _calls(impl, sims, pos, rl, cl) -> dict:
+def _calls(impl, sims, pos, rl, cl, valid) -> dict:
     return {
         "sce_target": lambda: impl.sce_target(sims, pos, 0.5, 0.05),
         "slr_target": lambda: impl.slr_target(sims, pos, 1.0, 0.16),
         "ifnd_valid": lambda: impl.ifnd_valid(pos, rl, cl),
         "ifnd_attraction_target": lambda: impl.ifnd_attraction_target(pos, rl, cl),
+        # the methods always pass a mask (empty queue slots, SimCLR self-pairs): the masked code paths
+        "sce_target+valid": lambda: impl.sce_target(sims, pos, 0.5, 0.05, valid),
+        "slr_target+valid": lambda: impl.slr_target(sims, pos, 1.0, 0.16, valid),
     }
 
 
@@ -105,17 +112,16 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     if not args.no_cpu:
         from fastcl.kernels import cpu
-        sims, pos, rl, cl = _inputs(args.rows, args.cols, args.levels, "cpu")
-        results += _compare("numba_cpu", _calls(reference, sims, pos, rl, cl), _calls(cpu, sims, pos, rl, cl),
-                            args.repeats, "cpu")
+        inputs = _inputs(args.rows, args.cols, args.levels, "cpu")
+        results += _compare("numba_cpu", _calls(reference, *inputs), _calls(cpu, *inputs), args.repeats, "cpu")
     cuda_note = "no CUDA device"
     if torch.cuda.is_available():
         from fastcl.kernels import choose_backend
-        sims, pos, rl, cl = _inputs(args.rows, args.cols, args.levels, "cuda")
-        if choose_backend("auto", sims) == "cuda":
+        inputs = _inputs(args.rows, args.cols, args.levels, "cuda")
+        if choose_backend("auto", inputs[0]) == "cuda":
             from fastcl.kernels import cuda
-            results += _compare("numba_cuda", _calls(reference, sims, pos, rl, cl),
-                                _calls(cuda, sims, pos, rl, cl), args.repeats, "cuda")
+            results += _compare("numba_cuda", _calls(reference, *inputs), _calls(cuda, *inputs), args.repeats,
+                                "cuda")
             cuda_note = "measured"
         else:
             cuda_note = "torch sees a GPU but numba.cuda is not usable"

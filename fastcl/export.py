@@ -1,0 +1,100 @@
+"""Export the trained backbone as a plain torchvision-named ResNet state dict.
+
+    python -m fastcl.export --checkpoint RUN --out resnet.pt [--which student|teacher] [--num-classes N]
+
+Writes
+- `resnet.pt`: `torch.save` of a flat {name: tensor} dict with torchvision's ResNet names (`conv1.weight`,
+  `layer1.0.bn1.running_mean`, ..., `layer4.1.bn2.num_batches_tracked`): the backbone only, no projector,
+  no `encoder.` / `backbone.` prefixes. No `fc.*` keys unless `--num-classes N`, which adds a freshly
+  initialised `fc` (nn.Linear's default init, seeded by --seed) so the file loads with strict=True into a
+  classifier with N outputs.
+- `resnet.json` (same stem): arch, cifar_stem, width, feat_dim, num_classes, which encoder, the source run,
+  checkpoint and step, the method, the .pt's sha256, and whether stock torchvision can load it.
+
+Loading: `fastcl.models.resnet(arch, cifar_stem, width, num_classes).load_state_dict(sd, strict=True)` always
+works. `torchvision.models.<arch>(num_classes=N)` loads it with strict=True when width == 64 and the standard
+stem was trained (`cifar_stem` false); a cifar_stem backbone has a 3x3 conv1 and no max-pool, so replace
+`model.conv1` by a 3x3 stride-1 conv and `model.maxpool` by nn.Identity() before loading.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+
+import torch
+
+
+def backbone_state(checkpoint: str, which: str = "student", num_classes: int = 0, seed: int = 0):
+    """(state dict with torchvision names, info dict) of a run's backbone; see the module docstring."""
+    from fastcl.checkpoint import find_checkpoint, load_encoder, read_meta
+    from fastcl.models import resnet
+
+    if which not in ("student", "teacher"):
+        raise ValueError(f"--which must be student or teacher, got {which!r}")
+    ck = os.path.abspath(find_checkpoint(checkpoint))
+    enc, cfg = load_encoder(ck, which)
+    m = cfg.model
+    with torch.random.fork_rng(devices=[]):  # a seeded fc that leaves the caller's RNG alone
+        torch.manual_seed(seed)
+        skeleton = resnet(m.arch, cifar_stem=m.cifar_stem, width=m.width, num_classes=num_classes)
+    missing, unexpected = skeleton.load_state_dict(enc.backbone.state_dict(), strict=False)
+    # only the new classifier may be missing; anything else means the backbone and skeleton disagree
+    if unexpected or set(missing) - {"fc.weight", "fc.bias"}:
+        raise RuntimeError(f"backbone of {ck} does not match a {m.arch} skeleton: missing {missing}, "
+                           f"unexpected {unexpected}")
+    state = {k: v.detach().clone().contiguous() for k, v in skeleton.state_dict().items()}
+    meta = read_meta(ck)
+    run_dir = os.path.dirname(os.path.dirname(ck))
+    info = {"format": "torchvision-resnet-state-dict", "arch": m.arch, "cifar_stem": bool(m.cifar_stem),
+            "width": int(m.width), "feat_dim": int(skeleton.feat_dim), "num_classes": int(num_classes),
+            "fc": "fresh nn.Linear default init, seed %d" % seed if num_classes else "absent",
+            "which": which, "method": cfg.method.name, "source_run": run_dir, "checkpoint": ck,
+            "step": meta.get("step"), "epoch": meta.get("epoch"), "keys": len(state),
+            "torchvision_loadable": bool(m.width == 64 and not m.cifar_stem),
+            "mean": [float(v) for v in cfg.data.aug.mean], "std": [float(v) for v in cfg.data.aug.std],
+            "eval_size": int(cfg.data.aug.eval_size)}
+    return state, info
+
+
+def sidecar_path(out: str) -> str:
+    return os.path.splitext(out)[0] + ".json"
+
+
+def export(checkpoint: str, out: str, which: str = "student", num_classes: int = 0, seed: int = 0) -> dict:
+    """Write `out` and its JSON sidecar (both atomically); returns the sidecar content."""
+    state, info = backbone_state(checkpoint, which, num_classes, seed)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        info["sha256"] = hashlib.sha256(f.read()).hexdigest()
+    os.replace(tmp, out)
+    side = sidecar_path(out)
+    with open(f"{side}.tmp-{os.getpid()}", "w") as f:
+        json.dump({**info, "file": os.path.abspath(out)}, f, indent=2)
+    os.replace(f"{side}.tmp-{os.getpid()}", side)
+    return info
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fastcl.export", description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint) or checkpoint directory")
+    ap.add_argument("--out", required=True, help="output .pt path (the JSON sidecar goes next to it)")
+    ap.add_argument("--which", default="student", choices=["student", "teacher"])
+    ap.add_argument("--num-classes", type=int, default=0, help="add a freshly initialised fc with N outputs")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the fresh fc")
+    args = ap.parse_args(argv)
+    if args.num_classes < 0:
+        ap.error(f"--num-classes must be >= 0, got {args.num_classes}")
+    info = export(args.checkpoint, args.out, args.which, args.num_classes, args.seed)
+    print(json.dumps({**info, "out": os.path.abspath(args.out), "sidecar": sidecar_path(args.out)}))
+    return 0
+
+
+if __name__ == "__main__":
+    from fastcl.eval.linear import run_cli
+
+    sys.exit(run_cli(main))
