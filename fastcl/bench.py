@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUBCOMMANDS = ("loader", "kernels", "step", "mining")
+SUBCOMMANDS = ("loader", "kernels", "step", "mining", "methods")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,127 @@
+"""Step throughput per method on synthetic data (the compute-only ceiling) and each method's extra cost over
+MoCo-v2, all measured in ONE process with the same network and batch:
+
+    python -m fastcl.bench step [--methods mocov2 sce ...] [--config configs/exp/cifar10_mocov2.yaml] [key=value ...]
+
+Timing: warm-up steps first (allocator, numba JIT, cuDNN autotune: excluded), then `--repeats` rounds that each
+time `--steps` consecutive train steps of every method in turn (round-robin, so slow drifts of the machine hit all
+methods alike); medians over rounds; CUDA synchronized around each measured block.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fastcl.benchmarks.common import sync, write_evidence
+from fastcl.config import load_config, to_yaml
+from fastcl.optim import set_lr_wd
+from fastcl.step import train_step
+from fastcl.train import make_accelerator, setup
+
+EXTRA = {
+    "simclr": ["method.name=simclr", "method.queue_size=0"],
+    "mocov2": [],
+    "sce": ["method.name=sce"],
+    "ifnd": ["method.name=ifnd", "method.ifnd.warmup_epochs=0", "method.ifnd.accept_start=1.0",
+             "method.ifnd.levels=[10,20,40]"],
+    "sepp": ["method.name=sepp", "method.sepp.mode=multi"],
+    "sane": ["method.name=sane", "method.batch_negatives=true"],
+    "oracle": ["method.name=oracle"],
+}
+
+
+def _sepp_table(cfg, path: str) -> None:
+    from fastcl.mining.miner import NeighbourMiner
+    from fastcl.pipelines import build_loader
+    loader = build_loader(cfg, 0, 1, "cpu")
+    n = loader.num_samples
+    emb = F.normalize(torch.cat([loader.images(torch.arange(i, min(i + 512, n)), 8).flatten(1)
+                                 for i in range(0, n, 512)]), dim=1)
+    miner = NeighbourMiner(n, 5, 0.0)
+    miner.mine(emb)
+    miner.save(path)
+
+
+def build(config: str, method: str, overrides: list[str], table: str):
+    over = ["data.backend=synthetic", "trainer.progress=false", "trainer.knn_every=0", "trainer.run_dir=/tmp/fastcl_bench",
+            f"method.sepp.table_path={table}"] + EXTRA[method] + overrides
+    cfg = load_config(config, over)
+    parts, loader, sched, state, _, _ = setup(cfg, make_accelerator(cfg))
+    parts.timer = None  # measure the step alone
+    return cfg, parts, loader, sched
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/exp/cifar10_mocov2.yaml")
+    ap.add_argument("--methods", nargs="+", default=list(EXTRA))
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--name", default=None, help="evidence file name (default step_<device>)")
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_args(argv)
+    base = load_config(a.config, ["data.backend=synthetic"] + a.overrides)
+    table = "/tmp/fastcl_bench_sepp.npz"
+    if "sepp" in a.methods:
+        _sepp_table(base, table)
+    runs = {}
+    for m in a.methods:
+        cfg, parts, loader, sched = build(a.config, m, a.overrides, table)
+        it = iter(loader)
+
+        def next_batch(loader=loader):
+            nonlocal it
+            b = next(it, None)
+            if b is None:
+                it = iter(loader)
+                b = next(it)
+            return b
+
+        runs[m] = dict(cfg=cfg, parts=parts, sched=sched, next=next_batch, step=0)
+        if m == "ifnd":  # fill the table, then cluster once so elimination is active in the timed steps
+            for _ in range(max(a.warmup, len(loader))):
+                _one(runs[m])
+            parts.method.on_epoch_start(1, parts, loader)
+    for r in runs.values():
+        for _ in range(a.warmup):
+            _one(r)
+    times = {m: [] for m in runs}
+    for _ in range(a.repeats):
+        for m, r in runs.items():
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(a.steps):
+                _one(r)
+            sync()
+            times[m].append((time.perf_counter() - t0) / a.steps)
+    gb = base.optim.batch_size
+    res = {m: {"median_s_per_step": statistics.median(t), "img_per_s": gb / statistics.median(t), "times": t}
+           for m, t in times.items()}
+    if "mocov2" in res:
+        for m in res:
+            res[m]["extra_vs_mocov2_pct"] = 100 * (res[m]["median_s_per_step"] / res["mocov2"]["median_s_per_step"] - 1)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"{'method':8s} {'s/step':>9s} {'img/s':>9s} {'vs MoCo-v2':>11s}")
+    for m, r in res.items():
+        print(f"{m:8s} {r['median_s_per_step']:9.4f} {r['img_per_s']:9.1f} {r.get('extra_vs_mocov2_pct', 0):+10.1f}%")
+    write_evidence(a.name or f"step_{dev}", {"config": to_yaml(base), "global_batch": gb, "steps": a.steps,
+                                              "warmup": a.warmup, "repeats": a.repeats, "results": res,
+                                              "timing": "perf_counter around --steps consecutive steps, CUDA synced"})
+    return res
+
+
+def _one(r: dict) -> None:
+    s = r["step"] % len(r["sched"]["lr"])
+    sc = {k: v[s] for k, v in r["sched"].items()}
+    set_lr_wd(r["parts"].optimizer, float(sc["lr"]), float(sc["wd"]))
+    train_step(r["parts"], r["next"](), sc, s)
+    r["step"] += 1
+
+
+if __name__ == "__main__":
+    main()
