@@ -14,6 +14,8 @@ backend, so both backends put the same ids in the same batches) mapped to .beton
 seen exactly once per epoch across ranks (minus the dropped tail with drop_last), in an order seeded by
 (seed, epoch) identically on every rank. `Batch.index` is the decoded `index` field, not the row.
 
+Threads: ffcv sets numba's AND torch's thread count to `data.workers` whenever an epoch starts.
+
 Randomness: the device stage draws from generators seeded like the torch backend's (run seed, epoch, rank,
 batch number); ffcv's crop and flip draw from numba's per-thread np.random and are not reproducible run to run.
 """

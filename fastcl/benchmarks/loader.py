@@ -29,6 +29,8 @@ import torch
 from fastcl.benchmarks.common import sync, write_evidence
 
 BACKENDS = ("torch", "ffcv", "dali", "gpu_tensor")
+# --aug crop_flip: no colour op at all, to time decode + crop + flip (+ normalize) alone
+CROP_FLIP = [f"data.aug.views.{v}.{k}=0" for v in (0, 1) for k in ("jitter_p", "gray_p", "blur_p", "solarize_p")]
 
 
 def _cfg(backend: str, path: str, a: argparse.Namespace):
@@ -39,7 +41,8 @@ def _cfg(backend: str, path: str, a: argparse.Namespace):
     return load_config(None, [f"data.backend={backend}", f"data.path={path}", f"optim.batch_size={a.batch}",
                               "data.drop_last=true", f"data.workers={a.workers}", f"data.max_samples={a.n}",
                               f"data.aug.views.0.size={a.size}", f"data.aug.views.1.size={a.size}",
-                              f"data.aug.mean={mean}", f"data.aug.std={std}", f"trainer.seed={a.seed}"])
+                              f"data.aug.mean={mean}", f"data.aug.std={std}", f"trainer.seed={a.seed}",
+                              *(CROP_FLIP if a.aug == "crop_flip" else [])])
 
 
 _STAGE = {"s": 0.0}  # seconds spent inside augment.device_stage during the current epoch (--profile)
@@ -124,6 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--aug", default="default", choices=("default", "crop_flip"),
+                   help="default: the MoCo-v2 AugSpec; crop_flip: colour ops off (isolates decode + crop)")
     p.add_argument("--name", default="", help="evidence file name (default loader_<data>_<size>)")
     p.add_argument("--out", default="docs/benchmarks")
     p.add_argument("--profile", action="store_true",
@@ -185,7 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {
         "command": "python -m fastcl.bench loader " + " ".join(argv if argv is not None else []),
         "config": {k: v for k, v in vars(a).items()},
-        "aug": "two views, default AugSpec (MoCo-v2: RRC 0.2-1, flip, jitter .8, gray .2, blur .5) at --size",
+        "aug": ("two views, default AugSpec (MoCo-v2: RRC 0.2-1, flip, jitter .8, gray .2, blur .5) at --size"
+                if a.aug == "default" else "two views, RRC 0.2-1 + flip only (colour ops off) at --size"),
         "timing": "median of repeats of one full drop_last epoch each, after one warm-up epoch per backend; "
                   "repeats interleaved across backends; per-epoch start-up included; "
                   "img/s = source images per second (each yields two views)",
