@@ -38,6 +38,15 @@ def _load() -> list[float] | None:
         return None
 
 
+def _numba_layer() -> str:
+    """The threading layer numba actually picked (known once a parallel kernel has run)."""
+    import numba
+    try:
+        return numba.threading_layer()
+    except ValueError:  # no parallel kernel ran (--no-cpu)
+        return f"not started (config: {numba.config.THREADING_LAYER})"
+
+
 def _inputs(rows: int, cols: int, levels: int, device: str, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     sims = torch.rand(rows, cols, generator=g) * 2 - 1  # cosines
@@ -132,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "dtype": "float32", "sce": {"lam": 0.5, "tau_m": 0.05}, "slr": {"mu": 1.0, "temperature": 0.16},
                    "ifnd": {"clusters": [100 * 2 ** lev for lev in range(args.levels)], "unaccepted": 0.3}},
         "threads": {"torch": torch.get_num_threads(), "numba": numba.get_num_threads(),
-                    "numba_layer": numba.config.THREADING_LAYER},
+                    "numba_layer": _numba_layer()},
         "load_average_1_5_15min": {"start": load_start, "end": _load()},
         # torch's allocator madvises huge pages when this is 1: page faults are a large share of both paths here
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),

@@ -1,0 +1,50 @@
+"""Every published config (configs/exp/*.yaml) trains a few steps on CPU with real CIFAR-10 JPEGs.
+
+Only sizes change (network width, batch, queue, step count, kNN off); method, optimiser, schedules, heads,
+views (incl. SCE multi-crop and SANE's extra mixup crop) and their augmentations stay as published.
+"""
+import glob
+import json
+import os
+
+import pytest
+import torch.nn.functional as F
+
+from fastcl.config import load_config
+from fastcl.train import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "exp", "*.yaml")))
+
+
+@pytest.fixture(scope="module")
+def sepp_table(cifar_folder, tmp_path_factory):
+    """A partner table over the fixture's train split (raw-pixel neighbours: good enough to exercise SePP)."""
+    from fastcl.mining.miner import NeighbourMiner
+    from fastcl.pipelines.augspec import AugSpec, ViewSpec
+    from fastcl.pipelines.eval_data import eval_tensors
+    x, _, _ = eval_tensors(os.path.join(cifar_folder, "train"), AugSpec(views=[ViewSpec(), ViewSpec()], eval_size=32,
+                                                                           eval_resize_ratio=1.0))
+    miner = NeighbourMiner(x.shape[0], 5, 0.0)
+    miner.mine(F.normalize(x.flatten(1), dim=1))
+    path = str(tmp_path_factory.mktemp("sepp") / "table.npz")
+    miner.save(path)
+    return path
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(c)[:-5] for c in CONFIGS])
+def test_published_config_trains_on_real_images(path, cifar_folder, sepp_table, tmp_path):
+    base = load_config(path)
+    over = [f"data.path={os.path.join(cifar_folder, 'train')}", "data.backend=gpu_tensor", "data.eval_path=",
+            "data.workers=0", "optim.batch_size=16", "model.width=8", "trainer.max_steps=2", "trainer.knn_every=0",
+            "trainer.progress=false", f"trainer.run_dir={tmp_path / 'run'}", f"method.sepp.table_path={sepp_table}"]
+    if base.method.queue_size:
+        over.append("method.queue_size=64")
+    if base.model.proj_hidden > 512:  # keep the heads' shapes (layers, BN, predictor) but not their width
+        over += ["model.proj_hidden=64"] + (["model.pred_hidden=64"] if base.model.pred_hidden else [])
+    if base.method.name == "ifnd":
+        over += ["method.ifnd.levels=[4,8]", "method.ifnd.warmup_epochs=0", "method.ifnd.accept_start=1.0"]
+    result = train(load_config(path, over))
+    assert result["steps"] == 2
+    recs = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert all(r["loss"] == r["loss"] and r["loss"] >= 0 for r in recs if "loss" in r)
