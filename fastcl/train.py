@@ -20,7 +20,6 @@ if __name__ == "__main__":
 import argparse  # noqa: E402
 import signal  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402

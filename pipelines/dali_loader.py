@@ -32,7 +32,7 @@ from fastcl.pipelines.augment import as_view_spec, blur_kernel_size
 from fastcl.pipelines.augspec import ViewSpec
 from fastcl.pipelines.batch import Batch, register
 from fastcl.pipelines.folder import scan_folder, split_path
-from fastcl.pipelines.torch_loader import ShardBatchSampler
+from fastcl.pipelines.torch_loader import ShardedLoader
 
 DALI_STREAM = 0xDA  # salt of the per-epoch pipeline seed
 
@@ -106,7 +106,7 @@ def build_pipeline(files: list[str], labels_or_ids: list[int], views: list[ViewS
     return pipe
 
 
-class DALILoader:
+class DALILoader(ShardedLoader):  # length, epochs, mid-epoch resume
     """Loader protocol over an image folder with a DALI graph (see module docstring)."""
 
     def __init__(self, path: str, views: list, mean, std, batch_size: int, rank: int = 0, world: int = 1,
@@ -117,32 +117,12 @@ class DALILoader:
         index = scan_folder(path, max_samples)
         self.paths = index.paths
         self.classes = index.classes
-        self.num_samples = len(index)
-        self.labels = torch.tensor(index.labels, dtype=torch.int64)  # [N] by id, diagnostics only
-        self.views = [as_view_spec(v) for v in views]
-        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-        self.device, self.rank, self.seed, self.workers = torch.device(device), rank, seed, max(1, workers)
+        self._shard_setup(len(index), torch.tensor(index.labels, dtype=torch.int64), views, mean, std, batch_size,
+                          rank, world, device, seed, shuffle, drop_last)
+        self.workers = max(1, workers)
         # "mixed" decoding + GPU ops only when training on a GPU; the same graph runs on the CPU otherwise
         self.device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         self.batch_size = batch_size
-        self.sampler = ShardBatchSampler(self.num_samples, batch_size, rank, world, seed, shuffle, drop_last)
-        self.batches_done = 0
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.sampler.epoch:
-            self.batches_done = 0
-        self.sampler.set_epoch(epoch)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.sampler.epoch, "batches_done": self.batches_done}
-
-    def load_state_dict(self, state: dict) -> None:
-        """The next __iter__ continues epoch `state['epoch']` after its first `batches_done` batches."""
-        self.sampler.epoch = int(state["epoch"])
-        self.sampler.skip = self.batches_done = int(state["batches_done"])
 
     def epoch_pipeline(self, ids: torch.Tensor):
         """A DALI pipeline whose reader yields exactly `ids` (this rank's, in order) once."""

@@ -27,10 +27,10 @@ import os
 import numpy as np
 import torch
 
-from fastcl.pipelines.augment import as_view_spec, device_stage, seed_for
+from fastcl.pipelines.augment import device_stage, seed_for
 from fastcl.pipelines.batch import Batch, register
 from fastcl.pipelines.folder import split_path
-from fastcl.pipelines.torch_loader import DEVICE_STREAM, ShardBatchSampler
+from fastcl.pipelines.torch_loader import DEVICE_STREAM, ShardBatchSampler, ShardedLoader
 
 REQUIRED_FIELDS = ("image", "label", "index")
 
@@ -72,7 +72,7 @@ def _rows_by_id(index: np.ndarray, path: str, max_samples: int) -> np.ndarray:
     return rows[:max_samples] if 0 < max_samples < n else rows
 
 
-class FFCVLoader:
+class FFCVLoader(ShardedLoader):  # length, epochs, mid-epoch resume
     """Loader protocol over a .beton (see module docstring)."""
 
     def __init__(self, path: str, views: list, mean, std, batch_size: int, rank: int = 0, world: int = 1,
@@ -87,13 +87,8 @@ class FFCVLoader:
         index, labels = read_beton_fields(path)
         self.path = path
         self._rows = _rows_by_id(index, path, max_samples)  # [N] row of id
-        self.num_samples = len(self._rows)
-        self.labels = torch.from_numpy(labels[self._rows])  # [N] by id, diagnostics only
-        self.views = [as_view_spec(v) for v in views]
-        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-        self.device, self.rank, self.seed = torch.device(device), rank, seed
-        self.sampler = ShardBatchSampler(self.num_samples, batch_size, rank, world, seed, shuffle, drop_last)
-        self.batches_done = 0
+        self._shard_setup(len(self._rows), torch.from_numpy(labels[self._rows]), views, mean, std, batch_size, rank,
+                          world, device, seed, shuffle, drop_last)
 
         cuda = self.device.type == "cuda"
         pipelines = {"label": [IntDecoder(), ToTensor()], "index": [IntDecoder(), ToTensor()]}
@@ -126,22 +121,6 @@ class FFCVLoader:
                                           s.shuffle, s.drop_last)
         other.rank, other.batches_done = rank, 0
         return other
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.sampler.epoch:
-            self.batches_done = 0
-        self.sampler.set_epoch(epoch)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.sampler.epoch, "batches_done": self.batches_done}
-
-    def load_state_dict(self, state: dict) -> None:
-        """The next __iter__ continues epoch `state['epoch']` after its first `batches_done` batches."""
-        self.sampler.epoch = int(state["epoch"])
-        self.sampler.skip = self.batches_done = int(state["batches_done"])
 
     def __iter__(self):
         start, batches = self.sampler.take_batches()

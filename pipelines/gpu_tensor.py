@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from fastcl.pipelines.augment import as_view_spec, crop_resize, device_stage, flip, host_to_device, rrc_params
+from fastcl.pipelines.augment import crop_resize, device_stage, flip, host_to_device, rrc_params
 from fastcl.pipelines.batch import Batch, register
 from fastcl.pipelines.folder import decode_uint8, image_size, resize_center_crop, scan_folder, split_path
-from fastcl.pipelines.torch_loader import ShardBatchSampler, ShardedLoader
+from fastcl.pipelines.torch_loader import ShardedLoader
 
 
 def decode_folder(paths: list[str], side_if_mixed: int, workers: int = 2) -> torch.Tensor:
@@ -36,16 +36,11 @@ class GPUTensorLoader(ShardedLoader):
                  device="cpu", seed: int = 0, workers: int = 2, shuffle: bool = True, drop_last: bool = True,
                  max_samples: int = 0):
         index = scan_folder(path, max_samples)
-        self.views = [as_view_spec(v) for v in views]
-        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-        self.device, self.rank, self.seed = torch.device(device), rank, seed
-        self.num_samples = len(index)
+        self._shard_setup(len(index), torch.tensor(index.labels, dtype=torch.int64), views, mean, std, batch_size,
+                          rank, world, device, seed, shuffle, drop_last)
         self.classes = index.classes
-        self.labels = torch.tensor(index.labels, dtype=torch.int64)  # [N] by id, for diagnostics only
         self.images = decode_folder(index.paths, max(v.size for v in self.views), workers).to(self.device)
         self._labels_dev = self.labels.to(self.device)
-        self.sampler = ShardBatchSampler(self.num_samples, batch_size, rank, world, seed, shuffle, drop_last)
-        self.batches_done = 0
 
     def __iter__(self):
         start, batches = self.sampler.take_batches()

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastcl.pipelines.augment import as_view_spec, host_to_device, normalize, seed_for
+from fastcl.pipelines.augment import host_to_device, normalize, seed_for
 from fastcl.pipelines.batch import Batch, register
-from fastcl.pipelines.torch_loader import DEVICE_STREAM, ShardBatchSampler, ShardedLoader
+from fastcl.pipelines.torch_loader import DEVICE_STREAM, ShardedLoader
 
 _M32 = 0xFFFFFFFF
 
@@ -34,16 +34,12 @@ class SyntheticLoader(ShardedLoader):
     def __init__(self, num_samples: int, num_classes: int, views: list, mean, std, batch_size: int,
                  rank: int = 0, world: int = 1, device="cpu", seed: int = 0, shuffle: bool = True,
                  drop_last: bool = True):
-        self.views = [as_view_spec(v) for v in views]
-        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-        self.device, self.rank, self.seed = torch.device(device), rank, seed
-        self.num_samples, self.num_classes = num_samples, num_classes
-        self.labels = torch.arange(num_samples) % num_classes  # [N] by id, for diagnostics only
+        self._shard_setup(num_samples, torch.arange(num_samples) % num_classes, views, mean, std, batch_size, rank,
+                          world, device, seed, shuffle, drop_last)
+        self.num_classes = num_classes
         g = torch.Generator().manual_seed(seed_for(seed, 0x5E7))
         self._grid = torch.rand(num_classes, 3, 4, 4, generator=g).to(self.device)  # class colour patterns
         self._patterns: dict[int, Tensor] = {}  # view size -> [C,3,S,S]
-        self.sampler = ShardBatchSampler(num_samples, batch_size, rank, world, seed, shuffle, drop_last)
-        self.batches_done = 0
 
     def _pattern(self, size: int) -> Tensor:
         if size not in self._patterns:

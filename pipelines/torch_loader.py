@@ -89,6 +89,17 @@ class ShardedLoader:
     rank: int
     batches_done: int = 0
 
+    def _shard_setup(self, num_samples: int, labels: Tensor, views: list, mean, std, batch_size: int, rank: int,
+                     world: int, device, seed: int, shuffle: bool, drop_last: bool) -> None:
+        """The state every backend shares: views, normalisation, device, the label table and the sampler."""
+        self.views = [as_view_spec(v) for v in views]
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self.device, self.rank, self.seed = torch.device(device), rank, seed
+        self.num_samples = num_samples
+        self.labels = labels  # [N] int64 by id: diagnostics / the oracle only, never training
+        self.sampler = ShardBatchSampler(num_samples, batch_size, rank, world, seed, shuffle, drop_last)
+        self.batches_done = 0
+
     def __len__(self) -> int:
         return len(self.sampler)  # batches per epoch on this rank
 
@@ -161,14 +172,9 @@ class TorchFolderLoader(ShardedLoader):
                  device="cpu", seed: int = 0, workers: int = 2, shuffle: bool = True, drop_last: bool = True,
                  max_samples: int = 0):
         index = scan_folder(path, max_samples)
-        self.views = [as_view_spec(v) for v in views]
-        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-        self.device, self.rank, self.seed = torch.device(device), rank, seed
-        self.num_samples = len(index)
+        self._shard_setup(len(index), torch.tensor(index.labels, dtype=torch.int64), views, mean, std, batch_size,
+                          rank, world, device, seed, shuffle, drop_last)
         self.classes = index.classes
-        self.labels = torch.tensor(index.labels, dtype=torch.int64)  # [N] by id, for diagnostics only
-        self.sampler = ShardBatchSampler(self.num_samples, batch_size, rank, world, seed, shuffle, drop_last)
-        self.batches_done = 0
         self._dl = DataLoader(FolderViews(index.paths, index.labels, self.views, seed), batch_sampler=self.sampler,
                               num_workers=workers, persistent_workers=workers > 0,
                               pin_memory=self.device.type == "cuda")
