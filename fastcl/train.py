@@ -136,7 +136,9 @@ def setup(cfg, accelerator):
     teacher = None if method.inbatch else make_teacher(student.encoder)
     optimizer = build_optimizer(cfg, student)
     if t.compile:
-        student = torch.compile(student)
+        # In-place Module.compile keeps the state-dict names (torch.compile(student) would prefix every key
+        # with "_orig_mod.", breaking export, evaluation and resuming with compile off).
+        student.compile()
     student, optimizer = accelerator.prepare(student, optimizer)
     spe = len(loader)
     sched = {**build_schedules(cfg, spe), **method.schedules(t.epochs * spe, spe)}

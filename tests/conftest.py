@@ -7,6 +7,10 @@
 Both return the root (a str). They are extracted once into the git-ignored data/extracted/ and reused by later
 sessions; a folder appears only complete (built in a temp dir, then renamed), so concurrent test runs are safe.
 Tests that need them are skipped when the tarballs are absent (set FASTCL_SHARED_DATA to their folder).
+- `ffcv_dali_data` (session): the mixed folder (CIFAR train subset + a `zz_coord` class of coordinate-map
+  PNGs), its .beton and the session's ONE ffcv loader, shared by tests/test_ffcv_dali.py and
+  tests/test_parity.py (FFCV JIT-compiles every new Loader for 20-38 s). The dict also carries the constants
+  and `make_cfg` those tests build their loaders with.
 
 Threads: tests run torch with ONE intra-op thread (override with FASTCL_TEST_THREADS). On a 2-core machine
 that other processes also load, OpenMP's two threads wait on each other at every op: a 200k-element multiply
@@ -20,6 +24,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -88,3 +93,70 @@ def imagenette_folder() -> str:
 
     return _extract_subset(SHARED_DATA / "imagenette2-224" / "imagenette2-224.tar.gz",
                            EXTRACTED / "imagenette_test_subset", keep, stop)
+
+
+# ------------------------------------------------------------------ ffcv / dali: one shared data set + ffcv loader
+
+FFCV_DALI_BATCH = 64
+N_COORD = 256  # coordinate-map samples (symlinks to one PNG)
+COORD_SIDE = 128
+FFCV_DALI_SEED = 0
+# view 0: the full default recipe (MoCo-v2 colour ops); view 1: crop + flip only, so pixels keep coordinates
+VIEW_OVERRIDES = ["data.aug.views.0.size=32", "data.aug.views.1.size=32", "data.aug.views.1.jitter_p=0",
+                  "data.aug.views.1.gray_p=0", "data.aug.views.1.blur_p=0",
+                  "data.aug.mean=[0.4914,0.4822,0.4465]", "data.aug.std=[0.247,0.2435,0.2616]"]
+
+
+def coord_image(side: int = COORD_SIDE) -> np.ndarray:
+    """HxWx3 uint8 with R = 2*x, G = 2*y, B = 0: a crop's box can be read back from its pixel values."""
+    y, x = np.mgrid[0:side, 0:side]
+    return np.stack([2 * x, 2 * y, np.zeros_like(x)], -1).astype(np.uint8)
+
+
+def make_cfg(backend: str, path: str, batch: int = FFCV_DALI_BATCH, drop_last: bool = False, workers: int = 2):
+    from fastcl.config import load_config
+
+    return load_config(None, [f"data.backend={backend}", f"data.path={path}", f"optim.batch_size={batch}",
+                              f"data.drop_last={drop_last}", f"data.workers={workers}",
+                              f"trainer.seed={FFCV_DALI_SEED}", *VIEW_OVERRIDES])
+
+
+def _has(mod: str) -> bool:
+    try:
+        __import__(mod)
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def ffcv_dali_data(tmp_path_factory, cifar_folder) -> dict:
+    """Built once per session: the mixed folder (`root`, its `scan`), and when ffcv is installed its raw-pixel
+    `.beton` and the ffcv loader (`ffcv`, built through the `ffcv` registry entry; other ranks and batch sizes
+    reuse its compiled pipeline via `with_shard`). Also `batch`, `seed`, `n_coord`, `coord_side`, `make_cfg`."""
+    from PIL import Image
+
+    from fastcl.pipelines import build_loader
+    from fastcl.pipelines.folder import scan_folder
+
+    tmp_root = str(tmp_path_factory.mktemp("ffcv_dali"))
+    root = os.path.join(tmp_root, "mixed")
+    src = os.path.join(cifar_folder, "train")
+    for c in sorted(os.listdir(src)):
+        os.makedirs(os.path.join(root, c))
+        for f in sorted(os.listdir(os.path.join(src, c))):
+            os.symlink(os.path.join(src, c, f), os.path.join(root, c, f))
+    os.makedirs(os.path.join(root, "zz_coord"))
+    png = os.path.join(tmp_root, "coord.png")
+    Image.fromarray(coord_image()).save(png)
+    for k in range(N_COORD):
+        os.symlink(png, os.path.join(root, "zz_coord", f"{k:04d}.png"))
+    out = dict(root=root, scan=scan_folder(root), batch=FFCV_DALI_BATCH, seed=FFCV_DALI_SEED, n_coord=N_COORD,
+               coord_side=COORD_SIDE, make_cfg=make_cfg)
+    if _has("ffcv"):
+        from fastcl.pipelines.convert import convert
+
+        beton = os.path.join(tmp_root, "mixed.beton")
+        convert(root, beton, write_mode="raw", workers=2, progress=False)
+        out.update(beton=beton, ffcv=build_loader(make_cfg("ffcv", beton), 0, 1, "cpu"))
+    return out

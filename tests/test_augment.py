@@ -1,5 +1,6 @@
 """Batched augmentation ops (fastcl.pipelines.augment): statistics, exactness, and the device stage on real
-CIFAR JPEGs."""
+CIFAR JPEGs; the fast colour path (`color_ops` / `device_stage`: colour matrices, YIQ hue, 3-sigma blur) against
+the exact torchvision-semantics reference (`color_ops_reference`: per-op clamps, HSV hue, full blur window)."""
 from __future__ import annotations
 
 import math
@@ -9,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastcl.pipelines.augment import (as_view_spec, blur_kernel_size, color_ops, crop_resize, device_stage, flip,
-                                      hsv_to_rgb, rgb_to_hsv, rrc_box, rrc_params)
+from fastcl.pipelines import augment
+from fastcl.pipelines.augment import (as_view_spec, blur_kernel_size, blur_radius, color_ops, color_ops_reference,
+                                      crop_resize, device_stage, flip, gaussian_blur, gaussian_blur_full, hsv_to_rgb,
+                                      normalize, rgb_to_hsv, rrc_box, rrc_params)
 from fastcl.pipelines.augspec import CIFAR10_MEAN, CIFAR10_STD, ViewSpec
 from fastcl.pipelines.folder import decode_uint8, scan_folder
 
@@ -141,16 +144,102 @@ def test_brightness_factors_per_sample():
     assert f[:, 0].min() >= 0.6 - 1e-5 and f[:, 0].max() <= 1.4 + 1e-5 and f[:, 0].std() > 0.15
 
 
-def test_hue_keeps_value_and_saturation():
-    x = torch.rand(200, 3, 6, 6)
+YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def to_yiq(x: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("ij,bjhw->bihw", YIQ, x)
+
+
+def test_hue_rotates_chroma_keeps_luma():
+    """The fast hue op is a rotation of the YIQ chroma plane by -2*pi*h: luma and chroma magnitude are kept,
+    one angle per sample. (The exact HSV shift keeps HSV value and saturation instead; it is the reference,
+    checked against distributionally below.) Inputs near mid-grey, so that no rotation leaves the RGB cube."""
+    x = 0.35 + 0.3 * torch.rand(200, 3, 6, 6, generator=gen(1))
     assert torch.allclose(hsv_to_rgb(rgb_to_hsv(x)), x, atol=1e-5)
     spec = ViewSpec(**{**OFF, "jitter_p": 1.0, "brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.5})
     y = color_ops(x, spec, gen())
-    hx, hy = rgb_to_hsv(x), rgb_to_hsv(y)
-    assert torch.allclose(hy[:, 1:], hx[:, 1:], atol=1e-4)  # saturation and value kept
-    dh = torch.remainder(hy[:, 0] - hx[:, 0], 1.0).flatten(1)  # one hue shift per sample
-    circ = torch.minimum(dh, 1 - dh)
-    assert (circ.amax(1) - circ.amin(1) < 1e-3).all() and circ[:, 0].std() > 0.05
+    assert y.min() > 0 and y.max() < 1  # no clamp involved
+    qx, qy = to_yiq(x), to_yiq(y)
+    assert torch.allclose(qy[:, 0], qx[:, 0], atol=1e-5)  # luma kept
+    assert torch.allclose(qy[:, 1:].norm(dim=1), qx[:, 1:].norm(dim=1), atol=1e-5)  # chroma magnitude kept
+    ang = torch.atan2(qy[:, 2], qy[:, 1]) - torch.atan2(qx[:, 2], qx[:, 1])
+    ang = torch.remainder(ang + math.pi, 2 * math.pi).flatten(1) - math.pi  # in [-pi, pi)
+    circ = torch.remainder(ang - ang[:, :1], 2 * math.pi)
+    assert (torch.minimum(circ, 2 * math.pi - circ).amax(1) < 1e-3).all()  # one rotation per sample
+    assert ang[:, 0].std() > 0.5  # hue factors ~ U(-0.5, 0.5) turn: angles spread over the circle
+
+
+def test_hue_direction_and_size_match_hsv_reference():
+    """Same draws, same hue factor: the YIQ rotation shifts HSV hue the same way and by about as much as the
+    exact HSV shift (it is not identical: YIQ and HSV hue circles are not uniformly related)."""
+    x = torch.rand(400, 3, 8, 8, generator=gen(2))
+    spec = ViewSpec(**{**OFF, "jitter_p": 1.0, "brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.1})
+    fast, ref = color_ops(x, spec, gen(3)), color_ops_reference(x, spec, gen(3))
+    hx = rgb_to_hsv(x)
+    colourful = hx[:, 1] > 0.3
+
+    def shift(y):  # per-sample circular mean HSV hue shift over the colourful pixels, in turns
+        d = 2 * math.pi * (rgb_to_hsv(y)[:, 0] - hx[:, 0])
+        s, c = (torch.sin(d) * colourful).sum((1, 2)), (torch.cos(d) * colourful).sum((1, 2))
+        return torch.atan2(s, c) / (2 * math.pi)
+
+    sf, sr = shift(fast), shift(ref)
+    assert sr.abs().max() <= 0.1 + 1e-4 and sr.std() > 0.05  # the reference shifts by the factor itself
+    assert np.corrcoef(sf.numpy(), sr.numpy())[0, 1] > 0.98
+    assert (sf - sr).abs().mean() < 0.01 and (sf - sr).abs().max() < 0.03
+
+
+def test_jitter_without_hue_equals_reference():
+    """Brightness, contrast, saturation as colour matrices, in each sample's random order, with the clamp after
+    every op: identical (to float rounding) to the op-by-op reference, also where strong factors clip."""
+    x = torch.rand(500, 3, 5, 5, generator=gen(4))
+    for spec in (ViewSpec(**{**OFF, "jitter_p": 0.8, "hue": 0.0}),
+                 ViewSpec(**{**OFF, "jitter_p": 1.0, "hue": 0.0, "brightness": 0.9, "contrast": 0.9,
+                             "saturation": 0.9, "gray_p": 0.3})):
+        fast, ref = color_ops(x, spec, gen(5)), color_ops_reference(x, spec, gen(5))
+        assert torch.allclose(fast, ref, atol=2e-6), (fast - ref).abs().max()
+        assert ((fast == 0) | (fast == 1)).float().mean() > (0.05 if spec.brightness > 0.5 else 0.0)
+    # uint8 input in both layouts through the same matrices
+    x8 = (x * 255).round().to(torch.uint8)
+    spec = ViewSpec(**{**OFF, "jitter_p": 0.8, "hue": 0.0})
+    ref = color_ops_reference(x8, spec, gen(6))
+    assert torch.allclose(color_ops(x8, spec, gen(6)), ref, atol=2e-6)
+    assert torch.allclose(color_ops(x8.permute(0, 2, 3, 1).contiguous(), spec, gen(6)), ref, atol=2e-6)
+
+
+def test_blur_cut_at_3_sigma():
+    assert blur_radius(torch.tensor([0.1, 0.34, 1.0, 1.7, 2.0, 5.0]), 23).tolist() == [1, 2, 3, 6, 6, 11]
+    assert blur_radius(torch.tensor([0.1, 2.0]), 3).tolist() == [1, 1]  # capped by the spec's window
+    x = torch.rand(12, 3, 40, 40, generator=gen(7))
+    sigma = torch.linspace(0.1, 2.0, 12)
+    y = gaussian_blur(x, sigma, 23)
+    # a sample's result does not depend on the batch (its taps beyond ceil(3 sigma) are 0, not the batch's)
+    for i in (0, 5, 11):
+        assert torch.allclose(gaussian_blur(x[i:i + 1], sigma[i:i + 1], 23), y[i:i + 1], atol=1e-6)
+    # vs the full 23-tap window: the cut tails hold <= 0.27% of the mass
+    full = gaussian_blur_full(x, sigma, 23)
+    assert (y - full).abs().max() < 5e-3 and (y - full).abs().mean() < 5e-4
+    assert torch.allclose(y.mean((1, 2, 3)), x.mean((1, 2, 3)), atol=0.01)
+
+
+def test_device_stage_is_normalized_color_ops():
+    """Normalization folded into the last colour matrix (and blur commuting with it) changes nothing but
+    rounding; solarized samples are normalized after the solarize."""
+    x = torch.randint(0, 256, (64, 3, 12, 12), dtype=torch.uint8, generator=gen(8))
+    for spec in (ViewSpec(), ViewSpec(gray_p=0.5, solarize_p=0.5, blur_p=0.5), ViewSpec(**OFF)):
+        a = device_stage(x, spec, CIFAR10_MEAN, CIFAR10_STD, gen(9))
+        b = normalize(color_ops(x, spec, gen(9)), CIFAR10_MEAN, CIFAR10_STD)
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_cpu_chunking_does_not_change_results(monkeypatch):
+    x = torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8, generator=gen(10))
+    spec = ViewSpec(gray_p=0.5)
+    want = device_stage(x, spec, CIFAR10_MEAN, CIFAR10_STD, gen(11))
+    for chunk_bytes in (1, 3 * 12 * 16 * 16, 10**9):  # 1 sample, 3 samples (uneven), the whole batch
+        monkeypatch.setattr(augment, "CPU_CHUNK_BYTES", chunk_bytes)
+        assert torch.allclose(device_stage(x, spec, CIFAR10_MEAN, CIFAR10_STD, gen(11)), want, atol=1e-6)
 
 
 def test_jitter_p_and_reproducibility():

@@ -16,8 +16,6 @@ of the statistic plus the estimator's pixel rounding, so a backend fails only on
 from __future__ import annotations
 
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -27,19 +25,20 @@ from fastcl.pipelines import build_loader
 from fastcl.pipelines.augment import rrc_params
 from fastcl.pipelines.augspec import ViewSpec
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under --import-mode=importlib
-from test_ffcv_dali import BATCH, COORD_SIDE, make_cfg, shared_data  # noqa: E402 - one shared ffcv loader
+COORD_SIDE = 128  # = conftest.COORD_SIDE (checked by the `data` fixture)
 
 EPOCHS = (11, 12)
-MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)  # the VIEW_OVERRIDES of test_ffcv_dali
+MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)  # the VIEW_OVERRIDES of conftest
 STD = torch.tensor([0.247, 0.2435, 0.2616]).view(1, 3, 1, 1)
 TOL = {"area_mean": 0.04, "area_ks": 0.12, "log_aspect_mean": 0.04, "log_aspect_std": 0.04, "flip": 0.09,
        "gray": 0.07, "channel_mean": 0.1, "channel_std": 0.1}
 
 
 @pytest.fixture(scope="session")
-def data(tmp_path_factory, cifar_folder) -> dict:
-    return shared_data(str(tmp_path_factory.mktemp("parity")), cifar_folder)
+def data(ffcv_dali_data) -> dict:
+    """conftest's session data set, shared with tests/test_ffcv_dali.py (one ffcv loader per session)."""
+    assert ffcv_dali_data["coord_side"] == COORD_SIDE
+    return ffcv_dali_data
 
 
 def _loader(backend: str, data: dict):
@@ -48,8 +47,8 @@ def _loader(backend: str, data: dict):
         return data["ffcv"]
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
-    return build_loader(make_cfg(backend, data["root"], BATCH, False, workers=0 if backend == "torch" else 2),
-                        0, 1, "cpu")
+    return build_loader(data["make_cfg"](backend, data["root"], data["batch"], False,
+                                         workers=0 if backend == "torch" else 2), 0, 1, "cpu")
 
 
 def boxes_from_pixels(v: torch.Tensor) -> dict:

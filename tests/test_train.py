@@ -217,3 +217,13 @@ def test_sigterm_checkpoints_and_resume_continues(tmp_path):
     train(load_config(TINY, [f"trainer.run_dir={full}"] + slow))
     a, b = _losses(str(full)), _losses(str(run))
     assert all(abs(a[s] - b[s]) < 1e-6 for s in range(stopped_at + 1, 97))
+
+
+@pytest.mark.slow
+def test_compile_flag_keeps_checkpoint_names(tmp_path):
+    """trainer.compile=true trains, and its checkpoint loads into the plain encoder (same state-dict names)."""
+    from fastcl.checkpoint import load_encoder
+    run = str(tmp_path / "run")
+    assert train(load_config(TINY, [f"trainer.run_dir={run}", "trainer.compile=true", "trainer.max_steps=2"]))["steps"] == 2
+    enc, cfg = load_encoder(run)
+    assert cfg.trainer.compile is True and enc.backbone.feat_dim > 0
