@@ -369,11 +369,11 @@ def _madvise():
 def _empty(rows: int, cols: int, dtype: torch.dtype) -> Tensor:
     """torch.empty for a kernel output, backed by transparent huge pages where the kernel allows it.
 
-    A fresh 64 MB tensor is a fresh mmap: its first write takes 16,384 4-KB page faults, ~55 % of the SCE kernel's
-    time here (256 x 65,536, one thread: 38 ms into a fresh tensor, 17 ms into an already-touched one). Advising
-    huge pages on the 2 MB-aligned interior (what torch does for every allocation under THP_MEM_ALLOC_ENABLE=1)
-    cuts that to 32 faults (25 ms). Advice only: with THP off ("never"), or if the call fails, the tensor is a
-    normal one. Outputs under 8 MB are left alone.
+    A fresh 64 MB tensor is a fresh mmap: its first write takes 16,384 4-KB page faults, which doubled the SCE
+    kernel's time here (256 x 65,536: 2.1-2.2x the time of writing into an already-touched buffer, 1 or 2
+    threads). Advising huge pages on the 2 MB-aligned interior (what torch does for every allocation under
+    THP_MEM_ALLOC_ENABLE=1) cuts that to 32 faults (1.25-1.4x). Advice only: with THP off ("never"), or if the
+    call fails, the tensor is a normal one. Outputs under 8 MB are left alone.
     """
     out = torch.empty(rows, cols, dtype=dtype)
     nbytes = out.numel() * out.element_size()

@@ -48,7 +48,7 @@ def _recording(rec: dict):
     orig = T.train_step
 
     def step(parts, batch, sc, step_no):
-        rec["parts"], rec["world"], rec["rank"] = parts, dist.world_size(), dist.rank()  # the group ends with train()
+        rec["parts"], rec["world"], rec["rank"] = parts, dist.world_size(), dist.rank()
         ids = dist.gather(batch.index).cpu()
         miner = getattr(parts.method, "miner", None)
         labels = getattr(miner, "labels", None) if miner is not None else getattr(parts.method, "labels", None)
@@ -82,17 +82,20 @@ def record_run(config: str, overrides: list[str]) -> dict:
 
 
 def main() -> None:
+    from accelerate.state import PartialState
+
     with open(sys.argv[1]) as f:
         spec = json.load(f)
     out = sys.argv[2]
-    from accelerate.state import AcceleratorState
-
+    # accelerator.end_training() destroys the process group; the next run's Accelerator would find accelerate's
+    # shared state still "initialised" and never make a new one. Keep ONE group for all runs of the launch
+    # (re-initialising under torchrun's agent store can also hang), destroyed at the end.
+    destroy = PartialState.destroy_process_group
+    PartialState.destroy_process_group = lambda self, group=None: None
     for run in spec:
         rec = record_run(run["config"], run["overrides"])
         torch.save(rec, os.path.join(out, f"{run['name']}.rank{rec['rank']}.pt"))
-        # accelerator.end_training() destroyed the process group: reset accelerate's state so that the next
-        # run's Accelerator sets up a new one
-        AcceleratorState._reset_state(True)
+    destroy(PartialState())
 
 
 if __name__ == "__main__":
