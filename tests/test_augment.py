@@ -280,3 +280,41 @@ def test_as_view_spec_from_config_node():
     node = OmegaConf.structured(ViewSpec(size=48, scale=(0.3, 0.9)))
     v = as_view_spec(node)
     assert isinstance(v, ViewSpec) and v.size == 48 and v.scale == (0.3, 0.9)
+
+
+def colour_stats(y: torch.Tensor) -> dict:
+    hsv = rgb_to_hsv(y)
+    return {"channel_mean": y.mean((0, 2, 3)), "channel_std": y.std((0, 2, 3)), "sat_mean": hsv[:, 1].mean(),
+            "sat_std": hsv[:, 1].std(), "value_mean": hsv[:, 2].mean(), "image_mean": y.mean((2, 3))}
+
+
+# |fast - exact| allowed per statistic. Measured on 2026-11-23 (same draws, CIFAR 1,000 views / Imagenette 120
+# views at 224 px, full recipe and jitter only): channel mean <= 0.0014, channel std <= 0.0013, saturation mean
+# <= 0.0016, saturation std <= 0.0023, value mean <= 0.0011, per-image channel mean 0.010 on average. For scale:
+# two disjoint seed sets of the EXACT reference differ by up to 0.0055 (channel mean), 0.0023 (std), 0.0013
+# (saturation mean), 0.0007 (saturation std) on the CIFAR 1,000 views. The bounds are ~2x the measured gaps.
+DIST_TOL = {"channel_mean": 0.003, "channel_std": 0.003, "sat_mean": 0.0035, "sat_std": 0.005, "value_mean": 0.0025}
+
+
+@pytest.fixture(scope="module")
+def imagenette_uint8(imagenette_folder) -> torch.Tensor:
+    paths = scan_folder(os.path.join(imagenette_folder, "train")).paths  # 60 photos, 3 classes
+    return decode_uint8(paths, lambda im: im.resize((224, 224)), (224, 224))
+
+
+@pytest.mark.parametrize("data", ["cifar", "imagenette"])
+@pytest.mark.parametrize("recipe", ["full", "jitter_only"])
+def test_fast_colour_distribution_matches_exact_reference(request, data, recipe):
+    """The accepted approximations (YIQ hue rotation instead of the HSV shift; blur cut at 3 sigma) leave the
+    output distribution where the exact torchvision-semantics ops put it: per-channel mean/std, HSV saturation
+    and value statistics over real images, with the same random draws."""
+    x = request.getfixturevalue("cifar_uint8" if data == "cifar" else "imagenette_uint8")
+    S = x.shape[-1]
+    spec = ViewSpec(size=S) if recipe == "full" else ViewSpec(size=S, jitter_p=1.0, gray_p=0.0, blur_p=0.0)
+    seeds = range(4) if data == "cifar" else range(2)
+    fast = colour_stats(torch.cat([color_ops(x, spec, gen(s)) for s in seeds]))
+    ref = colour_stats(torch.cat([color_ops_reference(x, spec, gen(s)) for s in seeds]))
+    for k, tol in DIST_TOL.items():
+        assert (fast[k] - ref[k]).abs().max() < tol, (k, fast[k], ref[k])
+    # paired per image: the same view differs by a tint, not by a different augmentation
+    assert (fast["image_mean"] - ref["image_mean"]).abs().mean() < 0.02

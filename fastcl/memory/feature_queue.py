@@ -16,7 +16,9 @@ class FeatureQueue(nn.Module):
         self.size = size
         self.register_buffer("keys", torch.zeros(size, dim))
         self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))  # checkpointed copy of the pointer
+        self._host_ptr: int | None = 0  # host mirror: the pointer only depends on push sizes, no device read
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_host_ptr", None))
 
     @property
     def valid(self) -> Tensor:
@@ -34,10 +36,11 @@ class FeatureQueue(nn.Module):
             return
         if n > self.size:  # only the newest `size` keys can survive
             keys, ids, n = keys[-self.size:], ids[-self.size:], self.size
-        # Pointer kept as a tensor so it is checkpointed with the buffers; one host read per push is
-        # acceptable (tiny scalar, and it avoids data-dependent indexing on device).
-        p = int(self.ptr)  # host sync
+        if self._host_ptr is None:  # first push after loading a checkpoint
+            self._host_ptr = int(self.ptr)  # host sync, once per resume
+        p = self._host_ptr
         slots = (torch.arange(n, device=self.keys.device) + p) % self.size
         self.keys[slots] = keys.to(self.keys.dtype)
         self.ids[slots] = ids.to(self.ids.device)
-        self.ptr.fill_((p + n) % self.size)
+        self._host_ptr = (p + n) % self.size
+        self.ptr.fill_(self._host_ptr)
