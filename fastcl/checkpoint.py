@@ -51,7 +51,9 @@ def save(accelerator, run_dir: str, state: TrainState, meta: dict, keep: int) ->
     final = os.path.join(root, f"step_{state.step:08d}")
     tmp = os.path.join(root, f".tmp-step_{state.step:08d}")
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(root, exist_ok=True)
+        for stale in (n for n in os.listdir(root) if n.startswith(".tmp-")):  # writes cut short by a kill
+            shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
         os.makedirs(tmp, exist_ok=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)

@@ -47,7 +47,7 @@ def parse_args(argv=None):
     ap.add_argument("--config", help="YAML config (see configs/); schema defaults if omitted")
     ap.add_argument("--resume", help="'auto' (newest checkpoint in trainer.run_dir) or a checkpoint directory")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=0.1")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)  # overrides may come before and after --resume/--config
 
 
 def make_accelerator(cfg):
