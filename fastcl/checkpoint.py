@@ -89,16 +89,38 @@ def resolve_resume(run_dir: str, resume: str) -> list[str]:
 
 
 def load_first_good(accelerator, candidates: list[str], expect: dict) -> str | None:
-    """Load the newest checkpoint that loads; a damaged one is skipped with a warning. Returns its path."""
+    """Load the newest checkpoint that loads; a damaged one is skipped with a warning. Returns its path.
+
+    Raises ValueError (one line) when none loads, naming the newest one and why; an incompatible checkpoint
+    (another method / architecture) raises at once (check_compatible)."""
+    failed = []
     for path in candidates:
-        meta = read_meta(path)
+        # bad-input fix (test_bad_input): an unreadable fastcl_meta.json is a damaged checkpoint like any other
+        # file, not a JSONDecodeError traceback
+        try:
+            meta = read_meta(path)
+        except (OSError, ValueError) as e:
+            failed.append((path, f"{META}: {_first_line(e)}"))
+            continue
         check_compatible(meta, expect, path)
         try:
             accelerator.load_state(path)
-            return path
         except Exception as e:  # noqa: BLE001 - any unreadable file means: fall back to the previous one
-            warnings.warn(f"checkpoint {path} could not be loaded ({type(e).__name__}: {e}); trying the previous one")
+            failed.append((path, _first_line(e)))
+            continue
+        for bad, why in failed:  # bad-input fix: warn only when a fallback loaded; otherwise one error line below
+            warnings.warn(f"checkpoint {bad} could not be loaded ({why}); resumed from {path}")
+        return path
+    if failed:
+        bad, why = failed[0]
+        raise ValueError(f"none of {len(failed)} checkpoints could be loaded; the newest, {bad}: {why}")
     return None
+
+
+def _first_line(e: BaseException) -> str:
+    """'Type: first line of the message' (torch.load's errors run over many lines)."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
 def find_checkpoint(path: str) -> str:

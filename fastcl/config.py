@@ -317,17 +317,39 @@ def validate(cfg: DictConfig) -> None:
     _need(o.batch_size > 0, "optim.batch_size", f"must be > 0, got {o.batch_size}")
     _need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    # bad-input fixes (tests/test_bad_input.py): values that crashed later (warmup, momentum) or trained silently
+    # wrong (a negative base_batch or min_lr makes the lr negative; negative "every" counts act as "every step")
+    _need(o.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}")
+    _need(0 <= o.momentum < 1, "optim.momentum", f"must lie in [0, 1), got {o.momentum}")
+    _need(o.base_batch >= 0, "optim.base_batch", f"must be >= 0 (0 = no lr scaling), got {o.base_batch}")
+    _need(0 <= o.min_lr <= 1, "optim.min_lr", f"a fraction of the peak lr in [0, 1], got {o.min_lr}")
+    _need(o.clip_grad >= 0, "optim.clip_grad", f"must be >= 0 (0 = off), got {o.clip_grad}")
+    for key in ("max_steps", "ckpt_every", "knn_every"):
+        _need(t[key] >= 0, f"trainer.{key}", f"must be >= 0 (0 = off), got {t[key]}")
+    for key in ("max_samples", "workers"):
+        _need(d[key] >= 0, f"data.{key}", f"must be >= 0, got {d[key]}")
     _need(t.epochs > 0, "trainer.epochs", f"must be > 0, got {t.epochs}")
     _need(t.log_every > 0, "trainer.log_every", f"must be > 0, got {t.log_every}")
     _need(t.ckpt_keep >= 1, "trainer.ckpt_keep", f"must be >= 1, got {t.ckpt_keep}")
     _need(t.precision in ("auto", "fp32", "bf16"), "trainer.precision", f"{t.precision!r} not in auto|fp32|bf16")
-    _need(t.knn_k > 0 and t.knn_t > 0, "trainer.knn_k", "kNN k and temperature must be > 0")
-    _need(mo.width >= 4 and mo.proj_dim > 0 and mo.proj_hidden > 0, "model.width", "sizes must be positive")
+    _need(t.knn_k > 0, "trainer.knn_k", f"must be > 0, got {t.knn_k}")  # bad-input fix: name the bad key
+    _need(t.knn_t > 0, "trainer.knn_t", f"temperature must be > 0, got {t.knn_t}")
+    _need(mo.width >= 4, "model.width", f"must be >= 4, got {mo.width}")
+    _need(mo.proj_hidden > 0, "model.proj_hidden", f"must be > 0, got {mo.proj_hidden}")
+    _need(mo.proj_dim > 0, "model.proj_dim", f"must be > 0, got {mo.proj_dim}")
     _need(mo.proj_layers >= 1, "model.proj_layers", f"must be >= 1, got {mo.proj_layers}")
     _need(len(d.aug.views) >= 2, "data.aug.views", f"need at least 2 views, got {len(d.aug.views)}")
     for i, v in enumerate(d.aug.views):
         _need(v.size > 0, f"data.aug.views[{i}].size", f"must be > 0, got {v.size}")
         _need(0 < v.scale[0] <= v.scale[1] <= 1, f"data.aug.views[{i}].scale", f"need 0 < min <= max <= 1, got {list(v.scale)}")
+        # bad-input fix: probabilities, aspect ratios and blur sigmas that ran silently
+        _need(0 < v.ratio[0] <= v.ratio[1], f"data.aug.views[{i}].ratio", f"need 0 < min <= max, got {list(v.ratio)}")
+        _need(0 < v.blur_sigma[0] <= v.blur_sigma[1], f"data.aug.views[{i}].blur_sigma",
+              f"need 0 < min <= max, got {list(v.blur_sigma)}")
+        for key in ("flip_p", "jitter_p", "gray_p", "blur_p", "solarize_p"):
+            _need(0 <= v[key] <= 1, f"data.aug.views[{i}].{key}", f"a probability in [0, 1], got {v[key]}")
+    _need(all(x > 0 for x in d.aug.std), "data.aug.std", f"must be > 0, got {list(d.aug.std)}")  # bad-input fix
+    _need(d.aug.eval_size > 0, "data.aug.eval_size", f"must be > 0, got {d.aug.eval_size}")
     _need(d.backend == "synthetic" or bool(d.path), "data.path", f"backend {d.backend!r} needs data.path")
     _need(d.num_samples > 0, "data.num_samples", f"must be > 0, got {d.num_samples}")
 

@@ -87,6 +87,17 @@ class KnnMonitor:
         self.enabled = bool(cfg.data.eval_path) and cfg.trainer.knn_every > 0
         self.k, self.t = cfg.trainer.knn_k, cfg.trainer.knn_t
         self.data = None
+        if self.enabled:
+            # bad-input fix (test_bad_input): every rank lists the folders (cheap) so that a bad path fails on all
+            # ranks alike, with one line and before train() writes anything
+            from fastcl.pipelines.folder import scan_folder
+
+            for key in ("eval_path", "eval_train_path"):
+                try:
+                    if cfg.data[key]:
+                        scan_folder(cfg.data[key])
+                except (FileNotFoundError, ValueError) as e:
+                    raise SetupError(f"data.{key}: {e}") from None
         if self.enabled and is_main:
             from fastcl.pipelines.eval_data import eval_tensors
             bank_path = cfg.data.eval_train_path or cfg.data.path
@@ -108,7 +119,10 @@ def setup(cfg, accelerator):
     o, t = cfg.optim, cfg.trainer
     if o.batch_size % world:
         raise ConfigError(f"optim.batch_size={o.batch_size} is not divisible by the {world} processes")
-    candidates = ckpt.resolve_resume(t.run_dir, t.resume)
+    try:  # bad-input fix (test_bad_input): a missing --resume path is one error line, not a traceback
+        candidates = ckpt.resolve_resume(t.run_dir, t.resume)
+    except FileNotFoundError as e:
+        raise SetupError(str(e)) from None
     if not t.resume and ckpt.list_checkpoints(t.run_dir):
         raise SetupError(f"trainer.run_dir={t.run_dir} already holds checkpoints; pass --resume auto to continue "
                          f"it or choose another trainer.run_dir")
@@ -148,7 +162,10 @@ def setup(cfg, accelerator):
               "width": cfg.model.width, "cifar_stem": cfg.model.cifar_stem}
     resumed = None
     if candidates:
-        resumed = ckpt.load_first_good(accelerator, candidates, expect)
+        try:  # bad-input fix: another method's / architecture's checkpoint, or none loadable -> one line
+            resumed = ckpt.load_first_good(accelerator, candidates, expect)
+        except ValueError as e:
+            raise SetupError(f"trainer.resume={t.resume}: {e}") from None
         if resumed is None:
             raise SetupError(f"trainer.resume={t.resume}: none of {len(candidates)} checkpoints could be loaded")
     parts = StepParts(student, teacher, method, optimizer, accelerator, resolve_precision(cfg, device),
@@ -255,12 +272,12 @@ def train(cfg) -> dict:
     spe, total = len(loader), t.epochs * len(loader)
     last_step = min(total, t.max_steps) if t.max_steps > 0 else total
     gbatch = cfg.optim.batch_size
+    knn = KnnMonitor(cfg, is_main)  # bad-input fix: before anything is written (its folders may be bad)
     if is_main:
         os.makedirs(t.run_dir, exist_ok=True)
         save_config(cfg, os.path.join(t.run_dir, "config.yaml"))
     accelerator.init_trackers("fastcl", config=_flat(cfg))
     metrics_path = os.path.join(t.run_dir, "metrics.jsonl")
-    knn = KnnMonitor(cfg, is_main)
     result = {"knn_top1": None, "knn_init": None}
 
     def log(record: dict):

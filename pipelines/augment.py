@@ -12,10 +12,38 @@ Where each op runs:
 The flip may run before the colour ops although torchvision's recipe flips later: jitter, grayscale,
 solarize are per-pixel and the Gaussian kernel is symmetric, so the two orders give the same distribution.
 
-Randomness: every random parameter is drawn on the CPU from the `torch.Generator` passed in (a fixed number of
-draws per call, so a seed reproduces a batch), then moved to the device in one pinned, non-blocking copy. Which
-samples an op touches is decided on the host from those CPU draws, so no op needs a device->host sync and each
-op only computes on the samples it applies to.
+Randomness: every random parameter is drawn on the CPU from the `torch.Generator` passed in (ONE [B,13] uniform
+draw per `color_ops` / `device_stage` call, the same draws as before the fast path, so a seed reproduces a batch),
+then moved to the device in pinned, non-blocking copies. Which samples an op touches, and the blur window, are
+decided on the host from those CPU draws, so no op needs a device->host sync.
+
+How the device stage is computed (`device_stage` = `_color_pipeline`; `color_ops_reference` keeps the exact
+torchvision-semantics ops, op by op, as the reference the tests compare with):
+1. Jitter as colour matrices. Brightness (f*I), contrast (f*I plus (1-f) * the image's mean luma) and saturation
+   (f*I + (1-f) * luma rows) are affine maps of the pixel; hue is a rotation of the YIQ chroma plane by
+   -2*pi*h (`hue_matrix`) instead of torchvision's RGB->HSV->RGB shift. Position k of each sample's random op
+   order becomes one per-sample 3x3 matrix (+ contrast offset), so the 4 ops are 4 batched matmuls
+   (`torch.bmm` over [B,3,3] x [B,3,H*W]), each followed by the clamp to [0,1] that torchvision applies after
+   every op: the random order and the clipping are kept exactly (tested equal to the reference without hue).
+   Samples whose coin skips the jitter get the identity (no index shuffling); a position where every sample
+   has the identity is skipped. The first matmul also reads uint8 and FFCV's channels-last layout directly
+   (1/255 folded into it), so there is no separate float-conversion or layout pass.
+2. Grayscale and normalization are one more matrix after the last clamp: luma rows for the gray samples,
+   then diag(1/std) with offset -mean/std. Samples to be solarized are normalized after the solarize.
+3. On the CPU steps 1-2 run in chunks of samples (~1.2 MB of pixels, `CPU_CHUNK_BYTES`) that stay in L2 across
+   all the matmul/mean/clamp passes; on a GPU in one go.
+4. Blur: only the samples whose coin says so, kernel cut at ceil(3 sigma) per sample (`gaussian_blur`, DALI's
+   window rule; no denormal-range taps, which made the old 23-tap CPU blur 3x slower for small sigmas), one
+   2-D reflect pad instead of one per pass. CPU: in place, sample by sample with its own radius, as shifted
+   axpy passes that stay in L2 (`_blur_one_`); GPU: the blurred subset in two grouped convs (index_select,
+   blur, index_copy_). Blurring the normalized values equals normalizing the blurred ones (linear, taps
+   sum to 1).
+5. Solarize: only on the selected samples.
+Accepted distribution changes vs torchvision: the hue tint (YIQ rotation keeps luma and chroma magnitude; HSV
+keeps value and saturation; same direction and about the same size of shift per factor) and the blur's dropped
+tails (<= 0.27% of the kernel's mass). Over real CIFAR/Imagenette views with the same draws, per-channel
+mean/std and HSV saturation/value statistics move by <= 0.0023 (tests/test_augment.py, docs/DATA.md).
+Measured at 224 px, batch 32, one thread: 5.5 -> ~1.0 ms per image-view.
 """
 from __future__ import annotations
 
@@ -166,7 +194,7 @@ def _gray(x: Tensor) -> Tensor:
 
 
 def hue_matrix(h: Tensor) -> Tensor:
-    """Per-sample 3x3 RGB matrices that rotate the chroma (I, Q) plane of YIQ by 2*pi*h turns' worth, keeping
+    """Per-sample 3x3 RGB matrices that rotate the chroma (I, Q) plane of YIQ by the angle -2*pi*h, keeping
     luma. h: [n] hue factors (torchvision's, in turns) -> [n,3,3] float64, applied as rgb' = M @ rgb.
 
     The rotation runs clockwise in the (I, Q) plane (angle -2*pi*h): that is the direction in which HSV hue
@@ -193,7 +221,7 @@ def jitter_matrices(factors: Tensor, order: Tensor, active: Tensor, strength) ->
     """
     B = factors.shape[0]
     f = factors.to(torch.float64)
-    fb, fc, fs, fh = (f[:, i, None, None] for i in range(4))
+    fb, fc, fs = (f[:, i, None, None] for i in range(3))
     w = torch.tensor(GRAY_WEIGHTS, dtype=torch.float64)
     per_op = torch.stack([fb * _EYE3, fc * _EYE3, fs * _EYE3 + (1 - fs) * w.expand(3, 3), hue_matrix(f[:, 3])], 1)
     off = torch.zeros(B, 4, dtype=torch.float64)
@@ -250,10 +278,11 @@ def color_matrix_stage(x: Tensor, A: Tensor, coef: Tensor, scale: float = 1.0,
         M, off = final
         A = torch.cat([A, M[None].to(A.dtype)])
         final_used = ~(M == _EYE3).flatten(1).all(1) | (off != 0).any(1)  # [B] samples it changes
+        with_off = bool((off != 0).any())
     A_d = host_to_device(A.to(torch.float32), dev)
     coef_d = host_to_device(coef.to(torch.float32), dev)
     off_d = host_to_device(off.to(torch.float32), dev) if final is not None else None
-    w = torch.tensor(GRAY_WEIGHTS, dtype=torch.float32, device=dev)
+    w = host_to_device(torch.tensor(GRAY_WEIGHTS, dtype=torch.float32), dev)
     out = torch.empty(B, 3, N, device=dev)
     c = B if dev.type != "cpu" else max(1, min(B, CPU_CHUNK_BYTES // (12 * N)))
     bufs = [torch.empty(c, 3, N, device=dev) for _ in range(2)] if K + (final is not None) > 1 else []
@@ -266,7 +295,7 @@ def color_matrix_stage(x: Tensor, A: Tensor, coef: Tensor, scale: float = 1.0,
             dst = out[i:j] if k == last else bufs[k % 2][: j - i]
             y = torch.bmm(A_d[k, i:j], cur, out=dst)
             if k == K:  # the final map: offset, no clamp
-                cur = y.add_(off_d[i:j, :, None])
+                cur = y.add_(off_d[i:j, :, None]) if with_off else y
                 continue
             if need_mean[k]:
                 m = cur.mean(2) @ w  # [n] mean luma of the map's input (in input units: * scale for map 0)
@@ -355,7 +384,7 @@ def blur_radius(sigma: Tensor, ksize: int) -> Tensor:
 def _separable_blur(x: Tensor, k: Tensor) -> Tensor:
     """x: [B,C,H,W]; k: [B, 2r+1] normalized taps per sample (shared by its C channels), on x's device.
     ONE reflect pad of both axes, then a horizontal and a vertical grouped conv (reflecting rows commutes with
-    the horizontal pass, so this equals padding before each pass)."""
+    the horizontal pass, so this equals padding before each pass). The batched path (GPU)."""
     B, C, H, W = x.shape
     r = k.shape[1] // 2
     k = k.repeat_interleave(C, 0)  # [B*C, 2r+1]
@@ -365,20 +394,60 @@ def _separable_blur(x: Tensor, k: Tensor) -> Tensor:
     return y.reshape(B, C, H, W)
 
 
-def gaussian_blur(x: Tensor, sigma: Tensor, ksize: int) -> Tensor:
-    """Per-sample Gaussian blur, separable, reflect padding, each sample's kernel cut at ceil(3 sigma)
-    (`blur_radius`) and renormalized. The window is that of the largest radius in the batch; a sample's taps
-    beyond its own radius are exactly 0, so its result does not depend on the other samples. The dropped tails
-    hold <= 0.27% of the Gaussian's mass; cutting them also avoids denormal-range taps (sigma 0.1 in a 23-tap
-    window has taps of 1e-39, which made the old CPU blur 3x slower).
-    x: [B,C,H,W]; sigma: [B] (host draws: the window is decided on the CPU, no device sync)."""
+def _blur_one_(x: Tensor, taps: list[float]) -> None:
+    """In place on one sample x [1,C,H,W]: separable blur with the symmetric taps k0, k1..kr (one reflect pad,
+    then shifted axpy passes). The CPU path: a sample's padded copy and its horizontal pass (~1.3 MB at 224 px)
+    stay in L2, each sample uses its own radius, and there is no gather/scatter of the blurred subset; measured
+    2.6x faster than the grouped convs (oneDNN's NCHW depthwise kernel is slow for 1-D kernels)."""
+    r = len(taps) - 1
+    H, W = x.shape[-2:]
+    xp = F.pad(x, (r, r, r, r), mode="reflect")
+    h = torch.mul(xp[..., r:r + W], taps[0])
+    for t in range(1, r + 1):
+        h.add_(xp[..., r - t:r - t + W], alpha=taps[t]).add_(xp[..., r + t:r + t + W], alpha=taps[t])
+    y = torch.mul(h[..., r:r + H, :], taps[0], out=x)
+    for t in range(1, r + 1):
+        y.add_(h[..., r - t:r - t + H, :], alpha=taps[t]).add_(h[..., r + t:r + t + H, :], alpha=taps[t])
+
+
+def gaussian_taps(sigma: Tensor, ksize: int) -> tuple[Tensor, Tensor]:
+    """Per-sample Gaussian taps cut at `blur_radius` and renormalized. sigma: [n] (CPU) -> (radius [n] long,
+    taps [n, 2R+1] float64, R = the largest radius; a sample's taps beyond its own radius are exactly 0)."""
     s = sigma.detach().to("cpu", torch.float64).reshape(-1)
     rad = blur_radius(s, ksize)
     R = int(rad.max())
     t = torch.arange(-R, R + 1, dtype=torch.float64)
     k = torch.exp(-(t[None] ** 2) / (2 * s[:, None] ** 2)) * (t[None].abs() <= rad[:, None])
-    k = (k / k.sum(1, keepdim=True)).to(x.dtype)
-    return _separable_blur(x, host_to_device(k, x.device))
+    return rad, k / k.sum(1, keepdim=True)
+
+
+def gaussian_blur_(x: Tensor, mask: Tensor, sigma: Tensor, ksize: int) -> None:
+    """In place: blur the samples of x [B,C,H,W] where the CPU bool mask [B] is set, with `gaussian_blur`'s
+    kernels (sigma: [B], host draws). CPU: sample by sample (`_blur_one_`); GPU: the blurred subset batched."""
+    idx = mask.nonzero().squeeze(1).tolist()
+    if not idx:
+        return
+    if x.device.type != "cpu":
+        _apply(x, mask, lambda t, s: gaussian_blur(t, s, ksize), sigma)
+        return
+    rad, k = gaussian_taps(sigma[idx], ksize)
+    R = k.shape[1] // 2
+    for i, r, kk in zip(idx, rad.tolist(), k.tolist()):
+        _blur_one_(x[i:i + 1], kk[R:R + r + 1])
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor, ksize: int) -> Tensor:
+    """Per-sample Gaussian blur, separable, reflect padding, each sample's kernel cut at ceil(3 sigma)
+    (`blur_radius`) and renormalized; a sample's result does not depend on the other samples. The dropped
+    tails hold <= 0.27% of the Gaussian's mass; cutting them also avoids denormal-range taps (sigma 0.1 in a
+    23-tap window has taps of 1e-39, which made the old full-window CPU blur 3x slower).
+    x: [B,C,H,W]; sigma: [B] (host draws: the window is decided on the CPU, no device sync). -> new tensor."""
+    if x.device.type == "cpu":
+        y = x.clone()
+        gaussian_blur_(y, torch.ones(x.shape[0], dtype=torch.bool), sigma, ksize)
+        return y
+    _, k = gaussian_taps(sigma, ksize)
+    return _separable_blur(x, host_to_device(k.to(x.dtype), x.device))
 
 
 def gaussian_blur_full(x: Tensor, sigma: Tensor, ksize: int) -> Tensor:
@@ -421,8 +490,27 @@ def _affine_normalization(mean, std) -> tuple[Tensor, Tensor]:
     return torch.diag(1.0 / s), -m / s
 
 
+# CPU: intra-op threads for the colour pipeline (None: leave torch's setting). Its ops are small on purpose
+# (L2-sized chunks, one blurred sample at a time) and in a loader they run beside the decoders (torch's worker
+# processes, ffcv's numba threads), so splitting each op over OpenMP threads only adds barrier waits on
+# oversubscribed cores: measured in the loader benchmark (docs/BENCHMARKS.md, Loader). The previous thread count
+# is restored after the call.
+CPU_THREADS: int | None = 1
+
+
 def _color_pipeline(x: Tensor, spec: ViewSpec, generator: torch.Generator, mean=None, std=None) -> Tensor:
     """`color_ops`, and with mean/std also the normalization (`device_stage`), fused as described there."""
+    prev = torch.get_num_threads()
+    if x.device.type != "cpu" or CPU_THREADS is None or prev == CPU_THREADS:
+        return _color_pipeline_impl(x, spec, generator, mean, std)
+    torch.set_num_threads(CPU_THREADS)
+    try:
+        return _color_pipeline_impl(x, spec, generator, mean, std)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _color_pipeline_impl(x: Tensor, spec: ViewSpec, generator: torch.Generator, mean=None, std=None) -> Tensor:
     B = x.shape[0]
     d = _draw(B, spec, generator)
     X, scale, H, W = _as_bmm_operand(x)
@@ -445,8 +533,9 @@ def _color_pipeline(x: Tensor, spec: ViewSpec, generator: torch.Generator, mean=
     # blur is linear with taps summing to 1 and reflect padding, so it commutes with the per-channel affine
     # normalization: blurring normalized values gives the normalized blur. In [0,1] units it is clamped like
     # every op of the reference (a convex combination: only float rounding can leave the range).
-    _apply(y, d["blur"], lambda t, s: gaussian_blur(t, s, ksize) if normalized else
-           gaussian_blur(t, s, ksize).clamp_(0, 1), d["sigma"])
+    gaussian_blur_(y, d["blur"], d["sigma"], ksize)
+    if not normalized and bool(d["blur"].any()):
+        y.clamp_(0, 1)  # a no-op on the other samples
     thr = float(spec.solarize_threshold)
     _apply(y, d["solarize"], lambda t: torch.where(t >= thr, 1 - t, t))
     if normalized and bool(d["solarize"].any()):

@@ -217,6 +217,14 @@ def test_blur_cut_at_3_sigma():
     # a sample's result does not depend on the batch (its taps beyond ceil(3 sigma) are 0, not the batch's)
     for i in (0, 5, 11):
         assert torch.allclose(gaussian_blur(x[i:i + 1], sigma[i:i + 1], 23), y[i:i + 1], atol=1e-6)
+    # the batched GPU path (grouped convs over the subset, window = the batch's largest radius) is the same blur
+    _, k = augment.gaussian_taps(sigma, 23)
+    assert torch.allclose(augment._separable_blur(x, k.float()), y, atol=1e-6)
+    # in place on a subset (the pipeline's call) leaves the other samples alone
+    z = x.clone()
+    mask = torch.arange(12) % 3 == 0
+    augment.gaussian_blur_(z, mask, sigma, 23)
+    assert torch.allclose(z[mask], y[mask], atol=1e-6) and torch.equal(z[~mask], x[~mask])
     # vs the full 23-tap window: the cut tails hold <= 0.27% of the mass
     full = gaussian_blur_full(x, sigma, 23)
     assert (y - full).abs().max() < 5e-3 and (y - full).abs().mean() < 5e-4

@@ -54,6 +54,11 @@ DEFAULT = {("mocov2", "torch"), ("sepp", "torch"), ("sane", "torch"),
 N, BATCH, EPOCHS, CLASSES, PER_CLASS = 64, 16, 2, 4, 16
 STEPS_PER_EPOCH = N // BATCH
 SEED = 0
+# 2-process vs 1-process loss tolerance. Measured noise floor: the SAME 1-process run with 1 vs 2 torch threads
+# (float reduction order only) differs by <= 2.5e-5 over the 8 steps at lr 0.0002 (at lr 0.002 by up to 1e-3
+# by step 7: chaotic). A 2x gradient-scale error changes the loss by 1e-3..3e-2 from step 3 on; wrong columns,
+# offsets or a per-rank queue change it at once.
+LOSS_TOL = 1e-4
 # view 1 is always flipped: two views that differ, deterministically (identical views make SimCLR's tiny net
 # chaotic: a 1e-6 pixel difference grew to 1e-3 in the loss within 3 steps)
 DETERMINISTIC_VIEWS = [f"data.aug.views.{v}.{kv}" for v in (0, 1) for kv in (
@@ -81,9 +86,9 @@ def overrides(method: str, backend: str, data: dict, run_dir: str, loader: str |
     loader = loader or backend
     path = data["beton"] if loader == "ffcv" else data["root"]
     views = RANDOM_VIEWS if method == "sane" else DETERMINISTIC_VIEWS
-    # lr 0.002: the tiny net at lr 0.05 is chaotic (tests/test_train.py), which would hide the comparison
+    # lr 0.0002 (LOSS_TOL): on these real images the tiny net is chaotic at the synthetic tests' lr 0.002
     return [f"data.backend={loader}", f"data.path={path}", "data.workers=0", f"optim.batch_size={BATCH}",
-            f"trainer.epochs={EPOCHS}", "optim.lr=0.002", f"trainer.seed={SEED}", "trainer.progress=false",
+            f"trainer.epochs={EPOCHS}", "optim.lr=0.0002", f"trainer.seed={SEED}", "trainer.progress=false",
             f"trainer.run_dir={run_dir}", *views, *method_overrides(method, backend, data)]
 
 
@@ -232,8 +237,8 @@ def test_two_processes_real_images(method, backend, data):
     one = _reference(method, backend, data)
     assert one["world"] == 1
     assert [s["ids"] for s in one["steps"]] == [s["ids"] for s in steps]  # the same global batches
-    # equal up to float reduction order; a logic error (wrong offsets, per-rank queue) shows as > 1e-2
-    assert [s["loss"] for s in steps] == pytest.approx([s["loss"] for s in one["steps"]], abs=2e-5)
+    # equal up to float reduction order (BN all-reduce, DDP averaging); see LOSS_TOL
+    assert [s["loss"] for s in steps] == pytest.approx([s["loss"] for s in one["steps"]], abs=LOSS_TOL)
     if "queue_ids" in s0:
         assert torch.equal(s0["queue_ids"], one["state"]["queue_ids"])
         assert torch.allclose(s0["queue_keys"], one["state"]["queue_keys"], atol=1e-4)

@@ -1,6 +1,6 @@
 """Same-budget comparison of every method: `python -m fastcl.bench methods [--epochs 12] [--out runs/compare]`.
 
-Each method trains the demo network (configs/exp/demo.yaml: ResNet-18, bundled CIFAR-10 sample by default) for the
+Each method trains the same network (configs/exp/compare_cpu.yaml: MoCo-v2 base, ResNet-18, bundled CIFAR-10 sample) for the
 same number of epochs with the same optimiser, then the runs are reported side by side (kNN curves, FN
 diagnostics, stage times). SePP's partner table is mined from the MoCo-v2 run of the same comparison (its EMA
 backbone), so SePP runs after it. Extra `key=value` overrides apply to every run (e.g. data.path=... for full
@@ -32,7 +32,7 @@ METHOD_RUNS = {
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description="same-budget comparison of the methods")
-    ap.add_argument("--config", default="configs/exp/demo.yaml")
+    ap.add_argument("--config", default="configs/exp/compare_cpu.yaml")
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--methods", nargs="+", default=list(METHOD_RUNS))
     ap.add_argument("--out", default="runs/compare")

@@ -29,6 +29,9 @@ class IFND(ContrastiveMethod):
         if c.source == "pass" and cfg.data.backend not in ("torch", "gpu_tensor", "dali", "synthetic"):
             raise ValueError(f"method.ifnd.source=pass re-reads the training images as a folder; data.backend="
                              f"{cfg.data.backend!r} has none: use method.ifnd.source=table")
+        if max(c.levels) > num_samples:  # bad-input fix (test_bad_input): fail at setup, not at the first refresh
+            raise ValueError(f"method.ifnd.levels={list(c.levels)}: a cluster count exceeds the dataset "
+                             f"({num_samples} samples)")
         self.table = SampleTable(num_samples, dim) if c.source == "table" else None
         self.miner = ClusterMiner(num_samples, list(c.levels), niter=c.niter, nredo=c.nredo, seed=c.seed,
                                   confidence=c.confidence, per_cluster=c.per_cluster, init=c.init,
