@@ -155,9 +155,22 @@ def load_encoder(path: str, which: str = "student"):
         customs = sorted(n for n in os.listdir(ck) if n.startswith("custom_checkpoint_"))
         if len(customs) < 3:
             raise ValueError(f"{ck} has no EMA teacher (method {cfg.method.name!r} trains without one)")
-        state = torch.load(os.path.join(ck, customs[-1]), map_location="cpu", weights_only=True)
+        path = os.path.join(ck, customs[-1])
     else:
-        full = load_file(os.path.join(ck, "model.safetensors"))
-        state = {k[len("encoder."):]: v for k, v in full.items() if k.startswith("encoder.")}
-    enc.load_state_dict(state)
+        path = os.path.join(ck, "model.safetensors")
+    # bad-input fix (tests/test_bad_input.py): a damaged file was a safetensors / unpickling traceback in the
+    # export, eval and mining commands; now one line naming the file (they report ValueErrors that way)
+    try:
+        if which == "teacher":
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            full = load_file(path)
+            state = {k[len("encoder."):]: v for k, v in full.items() if k.startswith("encoder.")}
+        enc.load_state_dict(state)
+    except Exception as e:  # noqa: BLE001 - any unreadable or mismatched file
+        raise CheckpointReadError(f"cannot load the {which} encoder from {path} ({_first_line(e)})") from None
     return enc.eval(), cfg
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint file that exists but cannot be read (damaged, truncated, or another architecture's)."""

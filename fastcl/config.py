@@ -215,7 +215,10 @@ def _load_yaml(path: str, seen: tuple[str, ...] = ()) -> DictConfig:
         raise ConfigError(f"config file not found: {path}")
     if path in seen:
         raise ConfigError(f"config defaults cycle: {' -> '.join(seen + (path,))}")
-    raw = OmegaConf.load(path)
+    try:
+        raw = OmegaConf.load(path)
+    except yaml.YAMLError as e:  # bad-input fix (tests/test_bad_input.py): was a multi-line yaml traceback
+        raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(e)}") from None
     if not isinstance(raw, DictConfig):
         raise ConfigError(f"{path}: top level must be a mapping")
     merged = OmegaConf.create()
@@ -229,6 +232,13 @@ def _load_yaml(path: str, seen: tuple[str, ...] = ()) -> DictConfig:
         merged = OmegaConf.merge(merged, _load_yaml(found, seen + (path,)))
     _check_keys(raw, "", path)
     return OmegaConf.merge(merged, raw)
+
+
+def _yaml_problem(e: Exception) -> str:
+    """One line out of a (multi-line) yaml error: the problem and where."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}{where}"
 
 
 def _configs_root(path: str) -> str:
@@ -247,7 +257,10 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         key, val = (x.strip() for x in o.split("=", 1))
         if _norm(key) not in ALL_KEYS:
             raise _unknown_key_error(key, "command line")
-        out.append((key, yaml.safe_load(val) if val else ""))
+        try:
+            out.append((key, yaml.safe_load(val) if val else ""))
+        except yaml.YAMLError as e:  # bad-input fix: `optim.lr=[1,` was a yaml traceback
+            raise ConfigError(f"override {o!r} (from command line): invalid YAML value: {_yaml_problem(e)}") from None
     return out
 
 

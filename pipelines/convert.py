@@ -243,6 +243,13 @@ def convert(src: str, out: str, *, split: str = "train", max_resolution: int | N
         raise ConversionError(f"--jpeg-quality must be in 1..100, got {jpeg_quality}")
     if not 0.0 <= compress_probability <= 1.0:
         raise ConversionError(f"--compress-probability must be in [0,1], got {compress_probability}")
+    # bad-input fix (tests/test_bad_input.py): a negative --max-resolution made ffcv's writer processes fail
+    # and the conversion hang forever; the other values were silently reinterpreted
+    for name, value, low in (("--max-resolution", max_resolution or 0, 0), ("--chunk-size", chunk_size, 1),
+                             ("--max-samples", max_samples, 0), ("--workers", workers, 0),
+                             ("--smart-threshold", smart_threshold or 0, 0)):
+        if value < low:
+            raise ConversionError(f"{name} must be >= {low}, got {value}")
     out = os.path.abspath(out)
     manifest_path = out + ".json"
     if os.path.exists(out) and not overwrite:

@@ -329,8 +329,28 @@ def add_common_args(ap: argparse.ArgumentParser, required: bool = True) -> None:
     ap.add_argument("--no-progress", action="store_true")
 
 
+def check_common_args(args) -> None:
+    """Fail on bad sizes and unusable folders BEFORE any feature is extracted or cached (the cache lives in the
+    run directory). Raises ValueError / FileNotFoundError naming the flag or folder."""
+    from fastcl.pipelines.folder import scan_folder
+
+    # bad-input fix (tests/test_bad_input.py): --extract-batch-size 0 was a ZeroDivisionError traceback,
+    # --eval-size -4 an error naming no flag, and a bad --val was found only after the train features had been
+    # extracted and written into <run>/eval/features
+    if args.extract_batch_size < 1:
+        raise ValueError(f"--extract-batch-size must be >= 1, got {args.extract_batch_size}")
+    if args.eval_size is not None and args.eval_size < 1:
+        raise ValueError(f"--eval-size must be >= 1, got {args.eval_size}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    if getattr(args, "val", None):
+        train, val = scan_folder(args.data), scan_folder(args.val)
+        remap_labels(train.classes, val.classes, torch.tensor(val.labels, dtype=torch.int64), args.data, args.val)
+
+
 def load_pair(args) -> tuple[FeatureSet, FeatureSet, dict]:
     """Train and val features for parsed common args; also the cache hits, for the JSON report."""
+    check_common_args(args)
     kw = dict(which=args.which, cache_dir=args.cache, eval_size=args.eval_size, batch_size=args.extract_batch_size,
               workers=args.workers, device=torch.device(args.device) if args.device else None,
               progress=not args.no_progress)

@@ -43,7 +43,11 @@ class SePP(ContrastiveMethod):
         with np.load(c.table_path) as f:  # the table may hold more partners than the config keeps (k cap below)
             mined_k = int(f["k"])
         self.miner = NeighbourMiner(num_samples, mined_k, c.threshold)
-        self.miner.load(c.table_path)
+        try:  # bad-input fix (tests/test_bad_input.py): name the key and the file when the table does not fit
+            self.miner.load(c.table_path)
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"method.sepp.table_path={c.table_path}: {e} (the dataset has {num_samples} samples; "
+                             f"mine the table over the same images)") from None
         if self.miner.nbr_ids.shape[0] != num_samples:
             raise ValueError(f"method.sepp.table_path={c.table_path}: table has {self.miner.nbr_ids.shape[0]} rows "
                              f"but the dataset has {num_samples} samples")

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
-from fastcl.checkpoint import load_encoder
+from fastcl.checkpoint import CheckpointReadError, load_encoder
 from fastcl.eval.features import embed_dataset
 from fastcl.mining.miner import NeighbourMiner
 
@@ -47,6 +48,8 @@ def _has_teacher(checkpoint: str) -> bool:
     try:
         load_encoder(checkpoint, "teacher")
         return True
+    except CheckpointReadError:  # bad-input fix: a damaged teacher is an error, not "no teacher"
+        raise
     except ValueError:
         return False
 
@@ -62,6 +65,17 @@ def main(argv=None) -> int:
     ap.add_argument("--ivf-nlist", type=int, default=0, help=">0: approximate IVF search (ImageNet scale)")
     ap.add_argument("--pca-dim", type=int, default=0, help=">0: PCA-reduce features before the search")
     a = ap.parse_args(argv)
+    # bad-input fix (tests/test_bad_input.py): check values before the (long) embedding pass; --batch-size 0 was
+    # a ZeroDivisionError traceback and --threshold 5 silently wrote an empty table
+    out_dir = os.path.dirname(os.path.abspath(a.out))
+    for bad, msg in ((a.k < 1, f"--k must be >= 1, got {a.k}"),
+                     (not -1 <= a.threshold <= 1, f"--threshold is a cosine in [-1, 1], got {a.threshold}"),
+                     (a.batch_size < 1, f"--batch-size must be >= 1, got {a.batch_size}"),
+                     (a.ivf_nlist < 0 or a.pca_dim < 0, "--ivf-nlist and --pca-dim must be >= 0"),
+                     (not os.path.isdir(out_dir), f"--out {a.out}: directory {out_dir} does not exist")):
+        if bad:
+            print(f"fastcl.mining.sepp: error: {msg}", file=sys.stderr)
+            return 2
     try:
         report = mine(a.checkpoint, a.data, a.out, a.k, a.threshold, a.batch_size, a.ivf_nlist, a.pca_dim)
     except (FileNotFoundError, ValueError) as e:
