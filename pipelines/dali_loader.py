@@ -124,6 +124,12 @@ class DALILoader(ShardedLoader):  # length, epochs, mid-epoch resume
         self.device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         self.batch_size = batch_size
 
+    def set_key_partners(self, nbr, rho: float) -> None:
+        # bad-input fix (tests/test_bad_input.py): ShardedLoader's version stores the partners, which this backend
+        # never reads (view 0 always comes from the sample itself): SePP pair mode silently trained as plain MoCo
+        raise ValueError("method.sepp.mode=pair needs a backend that draws the key view from a partner image "
+                         "(torch, gpu_tensor, synthetic); data.backend='dali' cannot: use method.sepp.mode=multi")
+
     def epoch_pipeline(self, ids: torch.Tensor):
         """A DALI pipeline whose reader yields exactly `ids` (this rank's, in order) once."""
         from fastcl.pipelines.augment import seed_for

@@ -122,6 +122,12 @@ class FFCVLoader(ShardedLoader):  # length, epochs, mid-epoch resume
         other.rank, other.batches_done = rank, 0
         return other
 
+    def set_key_partners(self, nbr, rho: float) -> None:
+        # bad-input fix (tests/test_bad_input.py): ShardedLoader's version stores the partners, which this backend
+        # never reads (view 0 always comes from the sample itself): SePP pair mode silently trained as plain MoCo
+        raise ValueError("method.sepp.mode=pair needs a backend that draws the key view from a partner image "
+                         "(torch, gpu_tensor, synthetic); data.backend='ffcv' cannot: use method.sepp.mode=multi")
+
     def __iter__(self):
         start, batches = self.sampler.take_batches()
         self.batches_done = start

@@ -6,7 +6,8 @@
   JPEG): `<root>/train/<wnid>/*.JPEG`.
 Both return the root (a str). They are extracted once into the git-ignored data/extracted/ and reused by later
 sessions; a folder appears only complete (built in a temp dir, then renamed), so concurrent test runs are safe.
-Tests that need them are skipped when the tarballs are absent (set FASTCL_SHARED_DATA to their folder).
+Tests that need them FAIL when the tarballs are absent, naming the path (set FASTCL_SHARED_DATA to their folder):
+a missing data folder must not turn into a green run that skipped the real-image tests.
 - `ffcv_dali_data` (session): the mixed folder (CIFAR train subset + a `zz_coord` class of coordinate-map
   PNGs), its .beton and the session's ONE ffcv loader, shared by tests/test_ffcv_dali.py and
   tests/test_parity.py (FFCV JIT-compiles every new Loader for 20-38 s). The dict also carries the constants
@@ -41,7 +42,8 @@ def _extract_subset(tarball: Path, dest: Path, keep, stop=None) -> str:
     if dest.is_dir():
         return str(dest)
     if not tarball.is_file():
-        pytest.skip(f"dataset tarball not found: {tarball}")
+        pytest.fail(f"dataset tarball not found: {tarball} (the real-image tests need ../shared/data beside the "
+                    f"repository, or FASTCL_SHARED_DATA=<folder with cifar10-jpeg/ and imagenette2-224/>)")
     EXTRACTED.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=EXTRACTED))
     with tarfile.open(tarball, "r|gz") as tar:

@@ -236,6 +236,8 @@ TRAIN_CASES = [
      ["method.sepp.table_path", "{missing}.npz"], "fresh", ()),
     ("sepp_table_other_dataset", ["method.name=sepp", "method.sepp.table_path={table16}"],
      ["method.sepp.table_path={table16}", "N=16", "64 samples"], "fresh", ()),
+    ("sepp_pair_mode_on_dali", ["data.backend=dali", "data.path={small}", "method.queue_size=0", "method.name=sepp",
+                                "method.sepp.table_path={table16}"], ["method.sepp.mode=pair", "dali"], "fresh", DALI),
     ("sepp_pair_mode_on_ffcv", ["data.backend=ffcv", "data.path={beton}", "method.queue_size=0", "method.name=sepp",
                                 "method.sepp.table_path={table16}"], ["method.sepp.mode=pair", "ffcv"], "fresh", FFCV),
     # config files
@@ -375,7 +377,16 @@ CLI_CASES = [
 ]
 
 
-@pytest.mark.parametrize("cmd,needles,prefix,usage_ok,needs", [pytest.param(*c[1:], id=c[0]) for c in CLI_CASES])
+# Each subprocess pays ~2 s of interpreter + torch start-up: a deterministic sample runs by default (every CLI,
+# the fixed failures among them), the rest under @slow (they still run in CI).
+DEFAULT_CLI = {"convert_max_resolution_negative", "convert_out_exists", "convert_strict_corrupt_file",
+               "convert_quality_word", "linear_garbage_checkpoint", "linear_missing_val", "linear_extract_batch_zero",
+               "export_garbage_checkpoint", "export_no_teacher", "sepp_garbage_checkpoint", "sepp_threshold_5",
+               "sepp_missing_data"}
+
+
+@pytest.mark.parametrize("cmd,needles,prefix,usage_ok,needs", [
+    pytest.param(*c[1:], id=c[0], marks=[] if c[0] in DEFAULT_CLI else [pytest.mark.slow]) for c in CLI_CASES])
 def test_cli_rejects_bad_input(env, cmd, needles, prefix, usage_ok, needs):
     for mod in needs:
         pytest.importorskip(mod)

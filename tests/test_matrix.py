@@ -8,15 +8,17 @@ records the gathered ids, the rank-averaged loss and the method state) and is ch
 - queues, SampleTables, miner outputs (IFND pseudo labels, SePP partners), oracle labels and weights
   identical on both ranks;
 - deterministic methods (all but SANE, whose mixup partners permute each rank's LOCAL batch): the loss of a
-  1-process run over the same global batches, to float reduction noise (BN all-reduce, DDP averaging).
+  1-process run over the same global batches, to float reduction noise (BN all-reduce, DDP averaging; see
+  LOSS_TOL), plus the same final queue (ids exact, keys to 1e-4), IFND pseudo labels and SePP partners.
 
 Deterministic views. The device-side colour ops (torch, ffcv) and DALI's graph are seeded per (seed, epoch,
 rank, batch), so a 2-process run does not repeat a 1-process run's augmentations. For the loss comparison the
-views are made a pure function of the image: crop scale (1, 1) and ratio (1, 1) at the native 32 px, flip_p 0,
-jitter/gray/blur/solarize p 0. At native size the three backends then hand over the same pixels (measured:
-ffcv bit-equal to torch, DALI within 5e-7 after normalisation), so ONE 1-process reference on the torch
-backend, run in-process, serves all three backends. SANE runs keep the default random MoCo-v2 recipe: they
-exercise the rank-seeded colour ops in 2 processes (ids, states and weights are still compared across ranks).
+views are made a pure function of the image: crop scale (1, 1) and ratio (1, 1) at the native 32 px, view 0
+never flipped and view 1 always (flip_p 0 / 1), jitter/gray/blur/solarize p 0. At native size the three
+backends then hand over the same pixels (measured: ffcv bit-equal to torch, DALI within 1e-6 after
+normalisation), so ONE 1-process reference on the torch backend, run in-process, serves all three backends.
+SANE runs keep the default random MoCo-v2 recipe: they exercise the rank-seeded colour ops in 2 processes (ids,
+states and weights are still compared across ranks).
 
 Budget: the matrix is sampled deterministically (DEFAULT below): every method and every backend appears in
 the default set (7 of 21 combinations, 3 torchrun launches, one per backend); the other 14 are @slow (they
