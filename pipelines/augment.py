@@ -39,11 +39,15 @@ torchvision-semantics ops, op by op, as the reference the tests compare with):
    blur, index_copy_). Blurring the normalized values equals normalizing the blurred ones (linear, taps
    sum to 1).
 5. Solarize: only on the selected samples.
+6. CPU threads: the pipeline runs on ONE intra-op thread (`CPU_THREADS`, restored after the call): its ops
+   are small and run beside the loader's decoders, where OpenMP barriers on busy cores cost more than the
+   second thread gains (A/B in docs/BENCHMARKS.md, Loader).
 Accepted distribution changes vs torchvision: the hue tint (YIQ rotation keeps luma and chroma magnitude; HSV
 keeps value and saturation; same direction and about the same size of shift per factor) and the blur's dropped
 tails (<= 0.27% of the kernel's mass). Over real CIFAR/Imagenette views with the same draws, per-channel
 mean/std and HSV saturation/value statistics move by <= 0.0023 (tests/test_augment.py, docs/DATA.md).
-Measured at 224 px, batch 32, one thread: 5.5 -> ~1.0 ms per image-view.
+Measured per image-view, one thread, old vs new interleaved: 224 px (batch 32) 5.5 -> 0.65-0.78 ms (7-8x);
+160 px 2.3 -> 0.41-0.54 ms; 32 px (batch 256) 0.074 -> 0.034-0.039 ms.
 """
 from __future__ import annotations
 

@@ -241,6 +241,20 @@ def test_device_stage_is_normalized_color_ops():
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
 
 
+def test_cpu_threads_restored_and_irrelevant_to_results(monkeypatch):
+    x = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=gen(12))
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        a = device_stage(x, ViewSpec(), CIFAR10_MEAN, CIFAR10_STD, gen(13))  # runs on augment.CPU_THREADS = 1
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(augment, "CPU_THREADS", None)
+        b = device_stage(x, ViewSpec(), CIFAR10_MEAN, CIFAR10_STD, gen(13))
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.allclose(a, b, atol=1e-6)
+
+
 def test_cpu_chunking_does_not_change_results(monkeypatch):
     x = torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8, generator=gen(10))
     spec = ViewSpec(gray_p=0.5)
