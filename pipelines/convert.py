@@ -131,7 +131,10 @@ def _verify_all(paths: list[str], workers: int, strict: bool,
     from tqdm import tqdm
 
     good, skipped, modes, max_pixels = [], [], {}, 0
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    # forkserver, not fork: a fork of a process that already runs threads (torch/OpenMP/numba pools, e.g. inside a
+    # test session or a notebook) can deadlock in the child on a lock held by a thread that did not survive the
+    # fork (seen: a verify worker stuck in a futex for minutes). The server forks from a clean single thread.
+    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
     chunk = max(1, min(64, len(paths) // (workers * 8) or 1))
     with ctx.Pool(workers) as pool:
         it = pool.imap(_verify, paths, chunksize=chunk)  # ordered: "first bad file" is in id order
