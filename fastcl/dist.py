@@ -94,3 +94,11 @@ def torch_dist_backend_needs_cuda() -> bool:
 def barrier() -> None:
     if is_dist():
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Tear the process group down before the interpreter exits: a rank that exits with a live group can abort
+    in C++ ("terminate called without an active exception") while its peer still talks to it."""
+    if is_dist():
+        dist.barrier()
+        dist.destroy_process_group()

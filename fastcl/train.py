@@ -388,6 +388,7 @@ def main(argv=None) -> int:
         return 3
     if dist.rank() == 0:
         print(json.dumps(result))
+    dist.shutdown()
     return 0
 
 

@@ -31,3 +31,4 @@ q = parts.method.queue
 torch.save({"ids": ids, "losses": losses, "world": dist.world_size(),
             "queue_keys": None if q is None else q.keys.cpu(), "queue_ids": None if q is None else q.ids.cpu()},
            f"{out}/rank{dist.rank()}.pt")
+dist.shutdown()
