@@ -84,18 +84,19 @@ def record_run(config: str, overrides: list[str]) -> dict:
 def main() -> None:
     from accelerate.state import PartialState
 
+    from fastcl import dist
+
     with open(sys.argv[1]) as f:
         spec = json.load(f)
     out = sys.argv[2]
     # accelerator.end_training() destroys the process group; the next run's Accelerator would find accelerate's
     # shared state still "initialised" and never make a new one. Keep ONE group for all runs of the launch
-    # (re-initialising under torchrun's agent store can also hang), destroyed at the end.
-    destroy = PartialState.destroy_process_group
+    # (re-initialising under torchrun's agent store can also hang), torn down at the end.
     PartialState.destroy_process_group = lambda self, group=None: None
     for run in spec:
         rec = record_run(run["config"], run["overrides"])
         torch.save(rec, os.path.join(out, f"{run['name']}.rank{rec['rank']}.pt"))
-    destroy(PartialState())
+    dist.shutdown()  # barrier + destroy: no rank exits while its peer still talks to it
 
 
 if __name__ == "__main__":
