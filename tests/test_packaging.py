@@ -1,6 +1,8 @@
 """pipelines/ and kernels/ install INSIDE the fastcl namespace and resolve to this repository."""
-import importlib.util
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import fastcl
@@ -16,10 +18,14 @@ def test_namespaced_packages_resolve_to_this_repo():
     assert Path(fastcl.kernels.__file__).resolve().parent == REPO / "kernels"
 
 
-def test_no_top_level_pipelines_or_kernels_from_this_repo():
-    """Both names exist on PyPI: this project must never provide (or shadow) a top-level module of that name."""
-    for name in ("pipelines", "kernels"):
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.origin:
-            assert not Path(spec.origin).resolve().is_relative_to(REPO), (name, spec.origin)
+def test_no_top_level_pipelines_or_kernels_from_this_repo(tmp_path):
+    """Both names exist on PyPI: the installation must never provide a top-level module of that name. Checked in a
+    fresh interpreter started outside the repository (a checkout's cwd on sys.path would hide the question)."""
+    code = ("import importlib.util, json; print(json.dumps({n: getattr(importlib.util.find_spec(n), 'origin', None) "
+            "for n in ('pipelines', 'kernels')}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    found = json.loads(out.stdout)
+    for name, origin in found.items():
+        assert origin is None or not Path(origin).resolve().is_relative_to(REPO), (name, origin)
     assert os.path.isfile(REPO / "pipelines" / "convert.py")  # the script path the README documents
