@@ -221,11 +221,18 @@ class StopRequest:
 
     def __init__(self):
         self.flag = False
+        self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             try:
-                signal.signal(sig, self._handler)
+                self._previous[sig] = signal.signal(sig, self._handler)
             except ValueError:  # not the main thread (e.g. a notebook executor): no handler
                 pass
+
+    def restore(self) -> None:
+        """Give the signals back: a process that called train() in-process must stay killable by SIGTERM."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def _handler(self, signum, frame):
         self.flag = True
@@ -266,6 +273,14 @@ def _skip(loader, state: ckpt.TrainState):
 
 def train(cfg) -> dict:
     """Run (or resume) one pretraining run. Returns final metrics."""
+    stop = StopRequest()
+    try:
+        return _train(cfg, stop)
+    finally:
+        stop.restore()
+
+
+def _train(cfg, stop: "StopRequest") -> dict:
     accelerator = make_accelerator(cfg)
     is_main, t = accelerator.is_main_process, cfg.trainer
     parts, loader, sched, state, expect, resumed = setup(cfg, accelerator)
@@ -301,7 +316,6 @@ def train(cfg) -> dict:
         ckpt.save(accelerator, t.run_dir, state, expect, t.ckpt_keep)
 
     health = Health(parts.accelerator.device)
-    stop = StopRequest()
 
     if resumed is None:
         monitor(0)  # the same network at random initialisation: the baseline the run must beat

@@ -19,7 +19,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from fastcl.config import load_config
 from fastcl.train import main, train
@@ -283,7 +282,8 @@ def test_batch_not_divisible_by_two_processes(env, tmp_path):
     r = subprocess.run([os.path.join(os.path.dirname(PY), "torchrun"), "--standalone", "--nproc_per_node=2",
                         f"--log-dir={logs}", "--redirects=3", os.path.join(REPO, "fastcl/train.py"), *BASE,
                         f"trainer.run_dir={run}", "optim.batch_size=15"],
-                       capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       capture_output=True, text=True, timeout=300, cwd=REPO,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode != 0
     errs = sorted(str(p) for p in logs.rglob("stderr.log"))
     assert len(errs) == 2, errs

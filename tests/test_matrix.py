@@ -182,6 +182,7 @@ def _matrix():
     for method in METHODS:
         for backend in BACKENDS:
             marks = [] if (method, backend) in DEFAULT else [pytest.mark.slow]
+            marks += [getattr(pytest.mark, backend)] if backend in ("ffcv", "dali") else []
             yield pytest.param(method, backend, marks=marks, id=f"{method}-{backend}")
 
 

@@ -227,3 +227,10 @@ def test_compile_flag_keeps_checkpoint_names(tmp_path):
     assert train(load_config(TINY, [f"trainer.run_dir={run}", "trainer.compile=true", "trainer.max_steps=2"]))["steps"] == 2
     enc, cfg = load_encoder(run)
     assert cfg.trainer.compile is True and enc.backbone.feat_dim > 0
+
+
+def test_train_restores_signal_handlers(tmp_path):
+    import signal
+    before = signal.getsignal(signal.SIGTERM)
+    train(load_config(TINY, [f"trainer.run_dir={tmp_path / 'run'}", "trainer.max_steps=1"]))
+    assert signal.getsignal(signal.SIGTERM) is before
