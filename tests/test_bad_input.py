@@ -13,6 +13,7 @@ new run) and `moco` (a finished 2-checkpoint MoCo-v2 run: resume errors, and the
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -28,14 +29,6 @@ TINY = os.path.join(REPO, "configs/test/tiny.yaml")
 PY = sys.executable
 # a case that were wrongly accepted trains for one step only (each case's own overrides come later and win)
 BASE = ["--config", TINY, "trainer.max_steps=1"]
-
-
-def _has(mod: str) -> bool:
-    try:
-        __import__(mod)
-        return True
-    except ImportError:
-        return False
 
 
 def tree(path) -> dict:
@@ -149,7 +142,7 @@ def env(tmp_path_factory, cifar_folder) -> dict:
         (root / f"{name}.yaml").write_text(text)
         e[f"yaml_{name}"] = str(root / f"{name}.yaml")
 
-    if _has("ffcv"):
+    if importlib.util.find_spec("ffcv") is not None:
         from fastcl.pipelines.convert import convert
 
         e["beton"] = str(root / "small.beton")

@@ -9,15 +9,6 @@ from fastcl.objectives.targets import (
     slr_target,
 )
 
-__all__ = [
-    "Target",
-    "masked_log_softmax",
-    "one_hot_target",
-    "soft_cross_entropy",
-    "sce_target",
-    "slr_target",
-    "ifnd_false_negatives",
-    "ifnd_valid",
-    "ifnd_attraction_target",
-    "multi_positive_target",
-]
+from fastcl.objectives import targets as _targets
+
+__all__ = ["Target", "masked_log_softmax", "one_hot_target", "soft_cross_entropy", *_targets.__all__]
