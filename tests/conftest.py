@@ -97,6 +97,29 @@ def imagenette_folder() -> str:
                            EXTRACTED / "imagenette_test_subset", keep, stop)
 
 
+# ------------------------------------------------------------------ SePP neighbour table for the tiny config
+
+@pytest.fixture(scope="session")
+def sepp_table(tmp_path_factory) -> tuple[str, str]:
+    """(table, empty_table): neighbour tables for configs/test/tiny.yaml's 64 synthetic images, mined from their
+    pixels (k=3, no threshold), and one with no partners at all."""
+    import torch.nn.functional as F
+
+    from fastcl.config import load_config
+    from fastcl.mining.miner import NeighbourMiner
+    from fastcl.pipelines import build_loader
+
+    cfg = load_config(str(REPO / "configs" / "test" / "tiny.yaml"))
+    loader = build_loader(cfg, 0, 1, "cpu")
+    emb = F.normalize(loader.images(torch.arange(cfg.data.num_samples), 16).flatten(1), dim=1)
+    miner = NeighbourMiner(cfg.data.num_samples, 3, 0.0)
+    miner.mine(emb)
+    folder = tmp_path_factory.mktemp("sepp")
+    miner.save(str(folder / "table.npz"))
+    NeighbourMiner(cfg.data.num_samples, 3, 0.0).save(str(folder / "empty.npz"))
+    return str(folder / "table.npz"), str(folder / "empty.npz")
+
+
 # ------------------------------------------------------------------ ffcv / dali: one shared data set + ffcv loader
 
 FFCV_DALI_BATCH = 64

@@ -6,32 +6,13 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastcl.config import load_config
-from fastcl.mining.miner import NeighbourMiner
-from fastcl.pipelines import build_loader
 from fastcl.train import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs/test/tiny.yaml")
 IFND = ["method.name=ifnd", "method.ifnd.levels=[4,8]", "method.ifnd.warmup_epochs=1"]
-
-
-@pytest.fixture(scope="module")
-def sepp_table(tmp_path_factory):
-    """A neighbour table mined from the synthetic images (k=3, no threshold)."""
-    cfg = load_config(TINY)
-    loader = build_loader(cfg, 0, 1, "cpu")
-    emb = F.normalize(loader.images(torch.arange(cfg.data.num_samples), 16).flatten(1), dim=1)
-    miner = NeighbourMiner(cfg.data.num_samples, 3, 0.0)
-    miner.mine(emb)
-    path = str(tmp_path_factory.mktemp("sepp") / "table.npz")
-    miner.save(path)
-    empty = NeighbourMiner(cfg.data.num_samples, 3, 0.0)
-    empty_path = path.replace("table.npz", "empty.npz")
-    empty.save(empty_path)
-    return path, empty_path
 
 
 def losses(tmp_path, name, over, epochs=3):
