@@ -7,6 +7,7 @@ when complete, so a crash mid-write never leaves a directory that looks finished
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -29,6 +30,40 @@ class TrainState:
 
     def load_state_dict(self, d: dict) -> None:
         self.step, self.epoch, self.batches_done = int(d["step"]), int(d["epoch"]), int(d["batches_done"])
+
+
+class RunDirLock:
+    """One training job per run directory: an exclusive flock on the directory itself, held by rank 0.
+
+    Two jobs writing one run directory (a requeued SLURM job overlapping the old one, or a multi-machine launch
+    whose processes did not join one process group, so every one of them is "rank 0") would interleave
+    checkpoints and metrics. flock is released by the kernel when the holder dies (SIGKILL included), so a killed
+    run never leaves a stale lock behind, and locking a directory writes nothing into it. On filesystems without
+    flock support (some Lustre mounts) the lock is skipped with a warning.
+    """
+
+    def __init__(self):
+        self.fd: int | None = None
+
+    def acquire(self, run_dir: str) -> bool:
+        """Lock `run_dir` (which must exist); False when another process holds it."""
+        fd = os.open(run_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except OSError as e:  # no flock on this filesystem: run unguarded rather than not at all
+            os.close(fd)
+            warnings.warn(f"cannot lock trainer.run_dir={run_dir} ({e}); make sure only one job uses it")
+            return True
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
 
 
 def list_checkpoints(run_dir: str) -> list[str]:

@@ -273,14 +273,15 @@ def _skip(loader, state: ckpt.TrainState):
 
 def train(cfg) -> dict:
     """Run (or resume) one pretraining run. Returns final metrics."""
-    stop = StopRequest()
+    stop, lock = StopRequest(), ckpt.RunDirLock()
     try:
-        return _train(cfg, stop)
+        return _train(cfg, stop, lock)
     finally:
         stop.restore()
+        lock.release()
 
 
-def _train(cfg, stop: "StopRequest") -> dict:
+def _train(cfg, stop: "StopRequest", lock: ckpt.RunDirLock) -> dict:
     accelerator = make_accelerator(cfg)
     is_main, t = accelerator.is_main_process, cfg.trainer
     parts, loader, sched, state, expect, resumed = setup(cfg, accelerator)
@@ -290,10 +291,14 @@ def _train(cfg, stop: "StopRequest") -> dict:
     knn = KnnMonitor(cfg, is_main)  # bad-input fix: before anything is written (its folders may be bad)
     if is_main:
         os.makedirs(t.run_dir, exist_ok=True)
+        if not lock.acquire(t.run_dir):  # before this job writes anything there
+            raise SetupError(f"trainer.run_dir={t.run_dir} is in use by another training process (two jobs on one "
+                             f"run directory, or processes of a multi-machine launch that did not join one process "
+                             f"group: see docs/SCALING.md)")
         save_config(cfg, os.path.join(t.run_dir, "config.yaml"))
     accelerator.init_trackers("fastcl", config=_flat(cfg))
     metrics_path = os.path.join(t.run_dir, "metrics.jsonl")
-    result = {"knn_top1": None, "knn_init": None}
+    result = {"knn_top1": None, "knn_init": None, "world_size": accelerator.num_processes}
 
     def log(record: dict):
         record = {k: (float(v) if torch.is_tensor(v) else v) for k, v in record.items()}  # host sync (log steps)

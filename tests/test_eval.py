@@ -195,3 +195,29 @@ def test_labels_must_match_by_class_name(tmp_path):
     with pytest.raises(ValueError, match="/t is a flat folder"):
         linear.remap_labels([], ["cat"], torch.tensor([0]), "/t", "/v")
     assert linear.remap_labels(["cat", "dog"], ["dog"], torch.tensor([0, 0]), "/t", "/v").tolist() == [1, 1]
+
+
+def test_fn_diagnostics_count_eliminated_and_attracted_but_not_soft_mass():
+    """2 anchors x 5 columns (column 0 = the positive). Anchor classes 0 and 1; columns' classes below."""
+    from fastcl.eval.diagnostics import fn_diagnostics
+    from fastcl.methods.base import Sims
+    from fastcl.objectives import Target
+    labels = torch.tensor([0, 1, 0, 0, 1, 2, 0, 1])  # by sample id
+    row_ids, col_ids = torch.tensor([0, 1]), torch.tensor([2, 3, 4, 5, 6])  # column classes 0, 0, 1, 2, 0
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    sims = Sims(torch.zeros(2, 5), None, torch.tensor([0, 0]), valid, row_ids, col_ids)
+    # true false negatives (non-positive, same class): row 0 -> cols 1, 4; row 1 -> col 2
+    hard = torch.tensor([[.5, .5, 0, 0, 0], [1., 0, 0, 0, 0]])  # row 0 attracts col 1 (equal mass)
+    elim = valid.clone()
+    elim[0, 3] = False  # row 0 eliminates col 3 (class 2: a wrong detection)
+    elim[1, 2] = False  # row 1 eliminates col 2 (right)
+    out = fn_diagnostics(sims, Target(hard, elim), labels)
+    assert out["fn_share"].item() == pytest.approx(3 / 8)
+    assert out["fn_masked_precision"].item() == pytest.approx(2 / 3)  # cols (0,1), (1,2) right; (0,3) wrong
+    assert out["fn_masked_recall"].item() == pytest.approx(2 / 3)  # (0,4) missed
+    soft = F.softmax(torch.tensor([[0.3, -0.2, 0.1, 0.4, 0.0], [0.0, 0.2, -0.1, 0.1, 0.3]]), dim=1) * 0.5
+    soft[:, 0] += 0.5  # an SCE-like target: some mass on every column, most on the positive
+    out = fn_diagnostics(sims, Target(soft, None), labels)
+    assert "fn_masked_precision" not in out  # nothing detected
+    same = torch.tensor([[0, 1, 0, 0, 1], [0, 0, 1, 0, 0]], dtype=torch.bool)
+    assert out["target_same_class_mass"].item() == pytest.approx((soft * same).sum(1).mean().item())

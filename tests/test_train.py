@@ -143,6 +143,55 @@ def test_accelerate_launch_two_processes(tmp_path):
     assert len(_losses(str(tmp_path / "run"))) == 8
 
 
+@pytest.mark.slow
+def test_multinode_launch_as_two_nodes_on_localhost(tmp_path):
+    """docs/SCALING.md's N-node command, N = 2 "nodes" of one CPU process each on this machine (the same
+    configs/accelerate/multinode.yaml, --machine_rank 0/1, rendezvous at 127.0.0.1 as at node 0's host name):
+    both ranks join one gloo group (world size 2) and train the loss of a 1-process run over the same global
+    batches."""
+    import socket
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    over = ["optim.lr=0.002", "data.num_samples=48"]
+    run = tmp_path / "run"
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         os.path.join(REPO, "configs/accelerate/multinode.yaml"), "--num_machines", "2",
+         "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+         "--main_process_port", str(port), os.path.join(REPO, "fastcl/train.py"), "--config", TINY,
+         f"trainer.run_dir={run}", *over], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}) for rank in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in nodes]
+    for p, (_, err) in zip(nodes, outs):
+        assert p.returncode == 0, err[-4000:]
+    assert json.load(open(run / "result.json"))["world_size"] == 2
+    train(load_config(TINY, over + [f"trainer.run_dir={tmp_path / 'one'}"]))
+    one, two = _losses(str(tmp_path / "one")), _losses(str(run))
+    assert len(one) == len(two) == 6 and two == pytest.approx(one, abs=2e-5)
+
+
+def test_run_dir_in_use_by_another_job_is_refused(tmp_path, capsys):
+    """A second job on a run directory that a live job holds: one error line, exit 2, nothing written; once the
+    holder is SIGKILLed the kernel drops its lock and the directory is usable again."""
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(run)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('locked', flush=True); time.sleep(300)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(["--config", TINY, f"trainer.run_dir={run}"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"trainer.run_dir={run} is in use by another training process" in err[0]
+        assert os.listdir(run) == []
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["--config", TINY, f"trainer.run_dir={run}"]) == 0
+
+
 def _nan_on_step(monkeypatch, bad_steps):
     """Make the loss NaN on the given (0-based) steps by poisoning the step's soft cross-entropy."""
     import fastcl.step as step_mod

@@ -34,14 +34,18 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description="same-budget comparison of the methods")
     ap.add_argument("--config", default="configs/exp/compare_cpu.yaml")
     ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--methods", nargs="+", default=list(METHOD_RUNS))
+    ap.add_argument("--methods", nargs="+", default=list(METHOD_RUNS), choices=list(METHOD_RUNS))
     ap.add_argument("--out", default="runs/compare")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
+    if "sepp" in a.methods and "mocov2" not in a.methods and not os.path.isdir(os.path.join(a.out, "mocov2")):
+        ap.error(f"SePP mines its partners with this comparison's MoCo-v2 run: add mocov2 to --methods "
+                 f"(or keep {os.path.join(a.out, 'mocov2')} from an earlier comparison)")
     os.makedirs(a.out, exist_ok=True)
     base = [f"trainer.epochs={a.epochs}", f"trainer.knn_every={max(a.epochs // 4, 1)}", "trainer.progress=false"]
     base += list(a.overrides)
-    fill = {"warmup": max(a.epochs // 3, 1), "table": os.path.join(a.out, "sepp_table.npz")}
+    # IFND's warm-up: a third of the run, at least one epoch, but never the whole run (then IFND = MoCo-v2)
+    fill = {"warmup": min(max(a.epochs // 3, 1), a.epochs - 1), "table": os.path.join(a.out, "sepp_table.npz")}
     summary, dirs = {}, []
     for name in sorted(a.methods, key=lambda m: m == "sepp"):  # SePP needs the MoCo-v2 checkpoint
         run = os.path.join(a.out, name)
@@ -56,7 +60,10 @@ def main(argv=None) -> dict:
         res = train(load_config(a.config, over))
         summary[name] = {**res, "minutes": round((time.time() - t0) / 60, 2)}
         dirs.append(run)
-        print(name, json.dumps(summary[name]))
+        print(name, json.dumps(summary[name]), flush=True)
+        if res.get("preempted"):  # SIGTERM/SIGUSR1 stopped this run (checkpointed): stop the comparison too
+            print(f"stopped by a signal during {name}; its run resumes with --resume auto", flush=True)
+            return summary
     with open(os.path.join(a.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     from fastcl import report

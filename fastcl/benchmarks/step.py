@@ -10,7 +10,9 @@ methods alike); medians over rounds; CUDA synchronized around each measured bloc
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import tempfile
 import time
 
 import torch
@@ -46,9 +48,12 @@ def _sepp_table(cfg, path: str) -> None:
     miner.save(path)
 
 
-def build(config: str, method: str, overrides: list[str], table: str):
-    over = ["data.backend=synthetic", "trainer.progress=false", "trainer.knn_every=0", "trainer.run_dir=/tmp/fastcl_bench",
-            f"method.sepp.table_path={table}"] + EXTRA[method] + overrides
+def build(config: str, method: str, overrides: list[str], scratch: str):
+    """The method's train-step parts on synthetic data; `scratch` holds the SePP table (nothing is written to
+    the run directory: only setup() runs)."""
+    over = ["data.backend=synthetic", "trainer.progress=false", "trainer.knn_every=0",
+            f"trainer.run_dir={os.path.join(scratch, 'run')}",
+            f"method.sepp.table_path={os.path.join(scratch, 'sepp.npz')}"] + EXTRA[method] + overrides
     cfg = load_config(config, over)
     parts, loader, sched, state, _, _ = setup(cfg, make_accelerator(cfg))
     parts.timer = None  # measure the step alone
@@ -58,20 +63,25 @@ def build(config: str, method: str, overrides: list[str], table: str):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/exp/cifar10_mocov2.yaml")
-    ap.add_argument("--methods", nargs="+", default=list(EXTRA))
+    ap.add_argument("--methods", nargs="+", default=list(EXTRA), choices=list(EXTRA))
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--name", default=None, help="evidence file name (default step_<device>)")
+    ap.add_argument("--out", default="docs/benchmarks", help="evidence folder")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="fastcl_bench_step.") as scratch:
+        return _run(a, scratch)
+
+
+def _run(a, scratch: str) -> dict:
     base = load_config(a.config, ["data.backend=synthetic"] + a.overrides)
-    table = "/tmp/fastcl_bench_sepp.npz"
     if "sepp" in a.methods:
-        _sepp_table(base, table)
+        _sepp_table(base, os.path.join(scratch, "sepp.npz"))
     runs = {}
     for m in a.methods:
-        cfg, parts, loader, sched = build(a.config, m, a.overrides, table)
+        cfg, parts, loader, sched = build(a.config, m, a.overrides, scratch)
         it = iter(loader)
 
         def next_batch(loader=loader):
@@ -111,7 +121,8 @@ def main(argv=None) -> dict:
         print(f"{m:8s} {r['median_s_per_step']:9.4f} {r['img_per_s']:9.1f} {r.get('extra_vs_mocov2_pct', 0):+10.1f}%")
     write_evidence(a.name or f"step_{dev}", {"config": to_yaml(base), "global_batch": gb, "steps": a.steps,
                                               "warmup": a.warmup, "repeats": a.repeats, "results": res,
-                                              "timing": "perf_counter around --steps consecutive steps, CUDA synced"})
+                                              "timing": "perf_counter around --steps consecutive steps, CUDA synced"},
+                   a.out)
     return res
 
 

@@ -4,8 +4,11 @@ These functions READ TRUE LABELS; they only look at the step's similarity layout
 and never feed back into training (tests/test_methods.py: permuting the labels leaves training bit-identical).
 Definitions (per logged step, over the last (query, key) pair of the step):
   fn_share                 share of valid non-positive candidates that share the anchor's true class
-  fn_masked_precision/...  "detected" = non-positive candidates the method removed from the denominator or
-                           gave target mass to; precision/recall/F1 of detected against true same-class ones
+  fn_masked_precision/...  "detected" = non-positive candidates the method removed from the denominator
+                           (elimination) or treated as positives: target mass >= half the row's positive's
+                           (attraction, SePP partners); precision/recall/F1 of detected against true same-class
+                           ones. Our choice of threshold: soft targets (SCE, SLR) put a little mass on EVERY
+                           column, which is not a detection; their measure is target_same_class_mass.
   target_same_class_mass   mean target mass on same-class non-positive columns
   pseudo_label_precision_l share of same-pseudo-label candidate pairs (level l) that share the true class
 """
@@ -37,7 +40,8 @@ def fn_diagnostics(sims: Sims, target: Target, labels_by_id: Tensor, pseudo_labe
     same = (rows[:, None] == cols[None, :]) & (rows[:, None] >= 0) & nonpos
     out = {"fn_share": same.sum().float() / nonpos.sum().clamp(min=1)}
     tvalid = target.valid if target.valid is not None else sims.valid
-    detected = nonpos & (~tvalid | (target.prob > 0))  # eliminated, or attracted as a positive
+    pos_mass = target.prob.gather(1, sims.pos.view(-1, 1))
+    detected = nonpos & (~tvalid | (target.prob >= 0.5 * pos_mass))  # eliminated, or attracted as a positive
     if bool(detected.any()):  # host sync: log steps only
         out.update(_prf(detected, same, "fn_masked"))
     out["target_same_class_mass"] = (target.prob.float() * same).sum(1).mean()

@@ -1,0 +1,91 @@
+"""`python -m fastcl.bench ...` on small inputs: every subcommand runs end to end, measures what it claims and
+writes its JSON evidence where it is told (never into docs/ from a test). The comparison (`methods`) trains every
+method on real CIFAR-10 JPEGs and reports them side by side."""
+import json
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs/test/tiny.yaml")
+ALL = ["mocov2", "simclr", "sce", "ifnd", "sepp", "sane", "oracle"]
+
+
+def _evidence(folder):
+    (name,) = os.listdir(folder)
+    payload = json.load(open(os.path.join(folder, name)))
+    assert payload["commit"] and payload["hardware"]["cores"] >= 1 and payload["date"]
+    return payload
+
+
+def test_step_bench_times_every_method_against_mocov2(tmp_path):
+    from fastcl.benchmarks import step
+    res = step.main(["--config", TINY, "--steps", "1", "--warmup", "1", "--repeats", "2", "--out", str(tmp_path), "--methods", *ALL])
+    assert sorted(res) == sorted(ALL)
+    assert res["mocov2"]["extra_vs_mocov2_pct"] == 0.0
+    for m, r in res.items():
+        assert r["img_per_s"] > 0 and len(r["times"]) == 2, m
+        assert r["extra_vs_mocov2_pct"] == pytest.approx(100 * (r["median_s_per_step"] / res["mocov2"]["median_s_per_step"] - 1))
+    assert sorted(_evidence(tmp_path)["results"]) == sorted(ALL)
+
+
+def test_kernels_bench_compares_numba_with_the_torch_reference(tmp_path):
+    from fastcl.benchmarks import kernels
+    out = kernels.main(["--rows", "4", "--cols", "512", "--repeats", "1", "--out-dir", str(tmp_path)])
+    names = {r["kernel"] for r in out["results"]}
+    assert len(names) >= 4 and all(r["speedup"] > 0 for r in out["results"])
+    assert _evidence(tmp_path)["results"] == out["results"]
+
+
+def test_mining_bench_runs_kmeans_and_knn_engines(tmp_path):
+    from fastcl.benchmarks import mining
+    out = mining.main(["--n", "1200", "--dim", "16", "--k", "8", "--niter", "3", "--queries", "100", "--knn-k", "5",
+                       "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
+    assert set(out["results"]) == {"kmeans", "knn"}
+    exact = [r for r in out["results"]["knn"].values() if "same_ids_vs_" + "faiss_cpu" in r]
+    assert all(r["same_ids_vs_faiss_cpu"] > 0.99 for r in exact)  # the exact searches agree on the neighbours
+    _evidence(tmp_path)
+
+
+def test_loader_bench_on_real_jpegs(tmp_path, cifar_folder):
+    from fastcl.benchmarks import loader
+    out = loader.main(["--backend", "torch", "--data", os.path.join(cifar_folder, "train"), "--batch", "32",
+                       "--size", "32", "--batches", "2", "--repeats", "1", "--workers", "0", "--out", str(tmp_path)])
+    r = out["results"]["torch"]
+    assert [run["images"] for run in r["runs"]] == [64] and r["img_s"] > 0 and r["ratio_vs_torch"] == 1.0
+    _evidence(tmp_path)
+
+
+def test_methods_bench_trains_every_method_on_real_images(tmp_path, cifar_folder):
+    from fastcl.benchmarks import methods
+    out = str(tmp_path / "cmp")
+    summary = methods.main(["--config", TINY, "--epochs", "1", "--out", out, "data.backend=torch",
+                            f"data.path={cifar_folder}/train", f"data.eval_path={cifar_folder}/test",
+                            "data.aug.views.0.size=16", "data.aug.views.1.size=16"])
+    assert set(ALL) <= set(summary)
+    for m in ALL:  # one epoch of 500 images at global batch 16, kNN before and after
+        assert summary[m]["steps"] == 500 // 16 and 0 < summary[m]["knn_top1"] <= 100, m
+    assert summary["sepp_mining"]["pairs"] > 0  # partners mined from the MoCo-v2 run's encoder
+    report = open(os.path.join(out, "report", "report.md")).read()
+    assert all(f"| {m} " in report or f"/{m}" in report for m in ALL)
+    assert json.load(open(os.path.join(out, "summary.json"))).keys() == summary.keys()
+
+
+def test_methods_bench_stops_when_a_run_is_preempted(tmp_path, monkeypatch):
+    from fastcl.benchmarks import methods
+    calls = []
+
+    def preempted(cfg):
+        calls.append(cfg.method.name)
+        return {"preempted": True, "steps": 3}
+
+    monkeypatch.setattr(methods, "train", preempted)
+    summary = methods.main(["--config", TINY, "--epochs", "1", "--out", str(tmp_path), "--methods", "mocov2", "sce"])
+    assert calls == ["mocov2"] and list(summary) == ["mocov2"]
+
+
+def test_methods_bench_refuses_sepp_without_its_miner_run(tmp_path, capsys):
+    from fastcl.benchmarks import methods
+    with pytest.raises(SystemExit) as e:
+        methods.main(["--config", TINY, "--out", str(tmp_path), "--methods", "sepp"])
+    assert e.value.code == 2 and "add mocov2 to --methods" in capsys.readouterr().err
