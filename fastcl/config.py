@@ -152,6 +152,9 @@ class TrainerCfg:
     cpu: bool = False  # force CPU even when a GPU is visible
     progress: bool = True
     skip_nonfinite: bool = False
+    # a file whose appearance stops the run like SIGUSR1 (checkpoint at the next log step, exit 0); relative to
+    # run_dir; "" = off. For launchers that do not forward signals to the training processes (see SCALING.md).
+    stop_file: str = "STOP"
     knn_every: int = 1  # epochs between kNN monitor evaluations (0 = off)
     knn_k: int = 200
     knn_t: float = 0.1

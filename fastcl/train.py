@@ -219,8 +219,10 @@ class StopRequest:
     checkpoint together and leave the loop, so `--resume auto` continues the run after a requeue.
     """
 
-    def __init__(self):
+    def __init__(self, stop_file: str = ""):
         self.flag = False
+        self.stop_file = stop_file  # also stops the run when it appears (checked by rank 0 at log steps)
+        self.by_file = False
         self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             try:
@@ -234,10 +236,20 @@ class StopRequest:
             signal.signal(sig, handler)
         self._previous = {}
 
+    def consume_file(self) -> None:
+        """After the stop checkpoint: remove the stop file this run obeyed, so the resumed run goes on."""
+        if self.by_file:
+            try:
+                os.remove(self.stop_file)
+            except FileNotFoundError:
+                pass
+
     def _handler(self, signum, frame):
         self.flag = True
 
     def agreed(self) -> bool:
+        if self.stop_file and not self.flag and dist.rank() == 0 and os.path.exists(self.stop_file):
+            self.flag = self.by_file = True
         f = torch.tensor([1.0 if self.flag else 0.0])
         if dist.is_dist():
             if dist.torch_dist_backend_needs_cuda():
@@ -289,6 +301,7 @@ def _train(cfg, stop: "StopRequest", lock: ckpt.RunDirLock) -> dict:
     last_step = min(total, t.max_steps) if t.max_steps > 0 else total
     gbatch = cfg.optim.batch_size
     knn = KnnMonitor(cfg, is_main)  # bad-input fix: before anything is written (its folders may be bad)
+    stop.stop_file = os.path.join(t.run_dir, t.stop_file) if t.stop_file else ""
     if is_main:
         os.makedirs(t.run_dir, exist_ok=True)
         if not lock.acquire(t.run_dir):  # before this job writes anything there
@@ -373,7 +386,9 @@ def _train(cfg, stop: "StopRequest", lock: ckpt.RunDirLock) -> dict:
         if result.get("preempted"):
             save_ckpt()
             if is_main:
-                print(f"stop requested (signal): checkpoint written at step {state.step}; continue with --resume auto")
+                why = f"stop file {stop.stop_file} (removed)" if stop.by_file else "signal"
+                stop.consume_file()
+                print(f"stop requested ({why}): checkpoint written at step {state.step}; continue with --resume auto")
             break
         if state.batches_done >= spe:  # epoch finished (not cut short by max_steps)
             state.epoch, state.batches_done = state.epoch + 1, 0

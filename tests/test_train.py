@@ -268,6 +268,87 @@ def test_sigterm_checkpoints_and_resume_continues(tmp_path):
     assert all(abs(a[s] - b[s]) < 1e-6 for s in range(stopped_at + 1, 97))
 
 
+def test_stop_file_checkpoints_is_removed_and_resume_continues(tmp_path, capsys):
+    """<run_dir>/STOP (what configs/slurm/pretrain.sbatch touches before the time limit) stops the run at the
+    next log step like SIGUSR1: checkpoint, exit 0, the file removed; --resume auto finishes the trajectory."""
+    run = tmp_path / "run"
+    over = ["trainer.log_every=3", "optim.lr=0.002"]
+    run.mkdir()
+    (run / "STOP").touch()
+    assert main(["--config", TINY, f"trainer.run_dir={run}", *over]) == 0
+    out = capsys.readouterr().out
+    assert f"stop requested (stop file {run / 'STOP'} (removed))" in out
+    assert json.loads(out.strip().splitlines()[-1])["steps"] == 3 and not (run / "STOP").exists()
+    assert os.listdir(run / "checkpoints") == ["step_00000003"]
+    assert main(["--config", TINY, f"trainer.run_dir={run}", "--resume", "auto", *over]) == 0
+    full = tmp_path / "full"
+    train(load_config(TINY, [f"trainer.run_dir={full}", *over]))
+    assert _losses(str(run)) == pytest.approx(_losses(str(full)), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_stop_file_stops_every_rank(tmp_path):
+    """2 processes: rank 0 sees the file, all ranks agree at the log step, checkpoint together and exit 0."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "STOP").touch()
+    cmd = [os.path.join(BIN, "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(REPO, "fastcl/train.py"),
+           "--config", TINY, f"trainer.run_dir={run}", "trainer.log_every=2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["steps"] == 2 and not (run / "STOP").exists()
+    assert os.listdir(run / "checkpoints") == ["step_00000002"]
+
+
+@pytest.mark.slow
+def test_slurm_script_stops_requeues_and_resumes(tmp_path):
+    """configs/slurm/pretrain.sbatch under stand-in `srun` / `scontrol` (no SLURM here): SIGUSR1 to the batch
+    shell (what `--signal=B:USR1@300` sends) makes both ranks checkpoint and exit, the job asks for its requeue
+    and exits 0; the requeued job (the script again) resumes and finishes the same trajectory."""
+    import signal
+    import time
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text('#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n')
+    (fake / "scontrol").write_text('#!/bin/bash\nif [[ $1 == show ]]; then echo 127.0.0.1; '
+                                   'else echo "$@" >> "$SCONTROL_LOG"; fi\n')
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    extra = "trainer.epochs=12 data.num_samples=128 trainer.log_every=1 optim.lr=0.002"
+    env = {**os.environ, "PATH": f"{fake}:{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+           "SCONTROL_LOG": str(tmp_path / "scontrol.log"), "SLURM_JOB_ID": "42", "SLURM_JOB_NAME": "fastcl",
+           "SLURM_JOB_NODELIST": "node0", "SLURM_NNODES": "1", "SLURM_NODEID": "0", "GPUS_PER_NODE": "2",
+           "CONFIG": TINY, "RUN_DIR": str(run), "PORT": str(port), "EXTRA_ARGS": extra}
+    script = os.path.join(REPO, "configs/slurm/pretrain.sbatch")
+    job = subprocess.Popen(["bash", script], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    metrics, deadline = run / "metrics.jsonl", time.time() + 180
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 4):
+        time.sleep(0.2)
+    job.send_signal(signal.SIGUSR1)
+    out, _ = job.communicate(timeout=180)
+    assert job.returncode == 0, out[-4000:]
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "42"]
+    assert not (run / "STOP").exists()
+    stopped = sorted(os.listdir(run / "checkpoints"))
+    assert stopped and int(stopped[-1][5:]) < 96, out[-4000:]  # stopped before the end (12 epochs x 8 steps)
+    again = subprocess.run(["bash", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert json.load(open(run / "result.json"))["steps"] == 96
+    # the same job never interrupted: the 2-process trajectory is reproducible, so compare to 1e-6
+    full = subprocess.run(["bash", script], cwd=REPO, env={**env, "RUN_DIR": str(tmp_path / "full")},
+                          capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    assert _losses(str(run)) == pytest.approx(_losses(str(tmp_path / "full")), abs=1e-6)
+
+
 @pytest.mark.slow
 def test_compile_flag_keeps_checkpoint_names(tmp_path):
     """trainer.compile=true trains, and its checkpoint loads into the plain encoder (same state-dict names)."""
