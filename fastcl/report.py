@@ -271,6 +271,8 @@ def summarize(run: Run, stages: list[str] | None = None) -> dict:
         "steps": steps, "finished": run.finished, "final_loss": final_loss,
         "knn_init": knn_init, "knn_final": knn_final,
         "knn_delta": knn_final - knn_init if knn_init is not None and knn_final is not None else None,
+        "rank_init": next((r["feature_rank"] for r in knn if r.get("epoch") == 0 and "feature_rank" in r), None),
+        "rank_final": next((r["feature_rank"] for r in reversed(knn) if "feature_rank" in r), None),
         "median_img_per_s": med_ips,
         "wall_s_per_step": wall,
         "fn_share": mean_of("fn_share"), "fn_masked_precision": mean_of("fn_masked_precision"),
@@ -379,19 +381,24 @@ def plot_knn(runs: list[Run], out_png: str) -> str | None:
     if not any(run.knn for run in runs):
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for run, c in zip(runs, _colors(len(runs))):
-        xs, ys = series(run.knn, "knn_top1", x="epoch")
-        if not ys:
-            continue
-        ax.plot(xs, ys, color=c, lw=1.6, marker="o", ms=5, label=run.label)
-        ax.annotate(f"{ys[-1]:.1f}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(6, 0),
-                    va="center", fontsize=8, color=c)
-    ax.set(title="kNN top-1 on the held-out split (epoch 0 = random initialisation)", xlabel="epoch",
-           ylabel="top-1 accuracy (%)")
-    _epoch_axis(ax, runs)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=9, loc="best")
+    panels = [("knn_top1", "kNN top-1 on the held-out split (epoch 0 = random initialisation)",
+               "top-1 accuracy (%)")]
+    if any("feature_rank" in r for run in runs for r in run.knn):
+        panels.append(("feature_rank", "effective rank of the held-out features (RankMe; falls on collapse)",
+                       "effective rank"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(9 * len(panels), 5), squeeze=False)
+    for ax, (key, title, ylabel) in zip(axes.flat, panels):
+        for run, c in zip(runs, _colors(len(runs))):
+            xs, ys = series(run.knn, key, x="epoch")
+            if not ys:
+                continue
+            ax.plot(xs, ys, color=c, lw=1.6, marker="o", ms=5, label=run.label)
+            ax.annotate(f"{ys[-1]:.1f}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(6, 0),
+                        va="center", fontsize=8, color=c)
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+        _epoch_axis(ax, runs)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=9, loc="best")
     return _save(fig, out_png)
 
 
@@ -542,6 +549,12 @@ def _knn_cell(s: dict) -> str:
     return f"{s['knn_init']:.2f} → {s['knn_final']:.2f} ({s['knn_delta']:+.2f})"
 
 
+def _rank_cell(s: dict) -> str:
+    if s["rank_final"] is None:
+        return "–"
+    return f"{s['rank_init']:.1f} → {s['rank_final']:.1f}" if s["rank_init"] is not None else f"{s['rank_final']:.1f}"
+
+
 def _length_cell(s: dict) -> str:
     ep = f"{s['epochs']} ep / " if s["epochs"] is not None else ""
     cap = f" (max_steps {s['max_steps']})" if s["max_steps"] else ""
@@ -558,14 +571,17 @@ def write_markdown(runs: list[Run], pngs: dict, out_md: str) -> str:
     lines += _table(
         ["run", "method", "arch", "batch", "epochs / steps", "final loss", "kNN top-1 % init → final (Δ)",
          "median img/s", "mean FN share", "mean masked-FN precision", "mean masked-FN recall",
-         "time shares (% of Σ stages)"],
+         "time shares (% of Σ stages)", "feature rank init → final"],
         [[s["run"], s["method"], s["arch"], _f(s["batch"], "d") if isinstance(s["batch"], int) else "–",
           _length_cell(s), _f(s["final_loss"], ".4f"), _knn_cell(s), _f(s["median_img_per_s"], ".1f"),
           _f(s["fn_share"], ".3f"), _f(s["fn_masked_precision"], ".3f"), _f(s["fn_masked_recall"], ".3f"),
-          ", ".join(f"{k[2:]} {100 * v:.0f}%" for k, v in s["stage_share"].items()) or "–"] for s in sums])
+          ", ".join(f"{k[2:]} {100 * v:.0f}%" for k, v in s["stage_share"].items()) or "–", _rank_cell(s)]
+         for s in sums])
     lines += ["", "Means are over all logged steps; img/s is the median over logging windows. "
               "FN share: share of valid negative candidates with the anchor's true class. "
-              "Masked-FN precision/recall: detected false negatives vs true same-class negatives."]
+              "Masked-FN precision/recall: detected false negatives vs true same-class negatives. "
+              "Feature rank: effective rank (RankMe) of the held-out backbone features at each kNN evaluation; "
+              "a collapsing run loses rank."]
     if stages:
         lines += ["", "## Time per step by stage", "",
                   "Mean seconds per step of each stage (first logged step excluded as warm-up) and its share "

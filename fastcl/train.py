@@ -104,13 +104,17 @@ class KnnMonitor:
             self.data = (eval_tensors(bank_path, cfg.data.aug, workers=cfg.data.workers),
                          eval_tensors(cfg.data.eval_path, cfg.data.aug, workers=cfg.data.workers))
 
-    def __call__(self, backbone) -> float:
+    def __call__(self, backbone) -> dict:
+        """{"knn_top1": %, "feature_rank": effective rank of the held-out features} (same on every rank)."""
+        from fastcl.eval.diagnostics import effective_rank
         from fastcl.eval.knn import extract_features, knn_top1
-        acc = None
+        out = None
         if self.data is not None:
             (xtr, ytr, _), (xte, yte, _) = self.data
-            acc = knn_top1(extract_features(backbone, xtr), ytr, extract_features(backbone, xte), yte, self.k, self.t)
-        return dist.broadcast_object(acc)
+            test = extract_features(backbone, xte)
+            out = {"knn_top1": knn_top1(extract_features(backbone, xtr), ytr, test, yte, self.k, self.t),
+                   "feature_rank": effective_rank(test)}
+        return dist.broadcast_object(out)
 
 
 def setup(cfg, accelerator):
@@ -258,6 +262,16 @@ class StopRequest:
         return bool(f.item() > 0)
 
 
+def memory_use(device: torch.device) -> dict:
+    """Peak memory so far, GiB: `gpu_mem_gb` (torch allocator peak) on CUDA, `host_rss_gb` (this process's peak
+    resident set) always; logged with every train record so a memory budget can be read off metrics.jsonl."""
+    import resource
+    out = {"host_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}  # Linux: KiB
+    if device.type == "cuda":
+        out["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return out
+
+
 def diagnose(method, logs: dict, loader) -> dict:
     """False-negative diagnostics of the step's last pair (reads TRUE labels; logging only)."""
     labels = getattr(loader, "labels", None)
@@ -320,14 +334,17 @@ def _train(cfg, stop: "StopRequest", lock: ckpt.RunDirLock) -> dict:
                 f.write(json.dumps(record) + "\n")
         accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
 
+    knn_at = {}  # step of the last kNN evaluation
+
     def monitor(epoch: int):
         if not knn.enabled:
             return
-        acc = knn(accelerator.unwrap_model(parts.student).encoder.backbone)
-        result["knn_top1"] = acc
+        rec = knn(accelerator.unwrap_model(parts.student).encoder.backbone)
+        result["knn_top1"] = rec["knn_top1"]
         if result["knn_init"] is None:
-            result["knn_init"] = acc
-        log({"step": state.step, "epoch": epoch, "knn_top1": acc})
+            result["knn_init"] = rec["knn_top1"]
+        log({"step": state.step, "epoch": epoch, **rec})
+        knn_at["step"] = state.step
 
     def save_ckpt():
         health.check(t.run_dir)  # never write a checkpoint of non-finite weights
@@ -371,7 +388,7 @@ def _train(cfg, stop: "StopRequest", lock: ckpt.RunDirLock) -> dict:
                 window_t, window_steps = now, 0
                 rec = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": float(sc["lr"]),
                        "img_per_s": ips, "pos_sim": logs["pos_sim"], "grad_norm": logs["grad_norm"],
-                       "skipped_steps": health.skipped, **parts.timer.read(),
+                       "skipped_steps": health.skipped, **memory_use(accelerator.device), **parts.timer.read(),
                        **diagnose(parts.method, logs, loader)}
                 log(rec)
                 result["final_loss"] = loss
@@ -396,7 +413,7 @@ def _train(cfg, stop: "StopRequest", lock: ckpt.RunDirLock) -> dict:
                 monitor(state.epoch)
         save_ckpt()
     bar.close()
-    if knn.enabled and not result.get("preempted") and (result["knn_top1"] is None or state.epoch % max(t.knn_every, 1)):
+    if knn.enabled and not result.get("preempted") and knn_at.get("step") != state.step:  # the final network
         monitor(state.epoch)
     accelerator.end_training()
     result["steps"] = state.step

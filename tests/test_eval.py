@@ -25,9 +25,20 @@ def run(cifar_folder, tmp_path_factory) -> str:
     run_dir = str(tmp_path_factory.mktemp("eval") / "run")
     over = ["data.backend=gpu_tensor", f"data.path={cifar_folder}/train", "data.aug.views.0.size=32",
             "data.aug.views.1.size=32", "data.aug.eval_size=32", "model.width=8", "model.cifar_stem=true",
-            "trainer.max_steps=2", "method.queue_size=64", f"trainer.run_dir={run_dir}"]
+            "trainer.max_steps=2", "method.queue_size=64", f"trainer.run_dir={run_dir}",
+            f"data.eval_path={cifar_folder}/test", "trainer.knn_every=1"]
     train(load_config(TINY, over))
     return run_dir
+
+
+def test_training_logs_knn_feature_rank_and_memory(run):
+    recs = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    knn_recs = [r for r in recs if "knn_top1" in r]
+    assert [r["epoch"] for r in knn_recs] == [0, 0]  # random init, then at the end of the 2 steps
+    for r in knn_recs:
+        assert 0 <= r["knn_top1"] <= 100 and 1.0 < r["feature_rank"] <= 64  # ResNet-18 width 8: 64 features
+    train_recs = [r for r in recs if "loss" in r]
+    assert train_recs and all(0.05 < r["host_rss_gb"] < 64 for r in train_recs)
 
 
 def _args(run, cifar_folder, cache) -> list[str]:
@@ -221,3 +232,14 @@ def test_fn_diagnostics_count_eliminated_and_attracted_but_not_soft_mass():
     assert "fn_masked_precision" not in out  # nothing detected
     same = torch.tensor([[0, 1, 0, 0, 1], [0, 0, 1, 0, 0]], dtype=torch.bool)
     assert out["target_same_class_mass"].item() == pytest.approx((soft * same).sum(1).mean().item())
+
+
+def test_effective_rank_tells_collapse_from_spread_features():
+    from fastcl.eval.diagnostics import effective_rank
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(4000, 16, generator=g)
+    assert 15.0 < effective_rank(spread) <= 16.0
+    line = torch.randn(4000, 1, generator=g) * torch.randn(1, 16, generator=g)  # collapsed to one direction
+    assert effective_rank(line) == pytest.approx(1.0, abs=0.01)
+    two = torch.cat([torch.randn(4000, 2, generator=g), torch.zeros(4000, 14)], 1)
+    assert 1.9 < effective_rank(two) <= 2.0

@@ -40,7 +40,7 @@ def make_run(path, method, arch, batch, steps, *, epochs=4, knn=True, diag=(), s
     spe = max(1, steps // epochs)
     recs, train = [], []
     if knn:
-        recs.append({"step": 0, "epoch": 0, "knn_top1": 20.0})
+        recs.append({"step": 0, "epoch": 0, "knn_top1": 20.0, "feature_rank": 30.0})
     for s in range(1, steps + 1):
         r = {"step": s, "epoch": (s - 1) // spe, "loss": 6 * math.exp(-s / steps) + rng.gauss(0, 0.2),
              "lr": 0.1 * (1 + math.cos(math.pi * s / steps)) / 2, "img_per_s": 1000 + 10 * s, "pos_sim": 0.5}
@@ -52,7 +52,7 @@ def make_run(path, method, arch, batch, steps, *, epochs=4, knn=True, diag=(), s
         train.append(r)
         recs.append(r)
         if knn and s % spe == 0:
-            recs.append({"step": s, "epoch": s // spe, "knn_top1": 20.0 + 5 * s // spe})
+            recs.append({"step": s, "epoch": s // spe, "knn_top1": 20.0 + 5 * s // spe, "feature_rank": 30.0 + s // spe})
     if resumed_at is not None:  # the steps after the checkpoint were logged once before a crash, then again
         stale = [{**r, "loss": 99.0} for r in train if r["step"] > resumed_at]
         i = next(j for j, r in enumerate(recs) if r.get("step") == resumed_at and "loss" in r) + 1
@@ -136,6 +136,7 @@ def test_report_md_has_one_row_per_run_with_the_right_numbers(fake_runs):
     tot = sum(means.values())
     assert ra[11] == ", ".join(f"{k[2:]} {100 * v / tot:.0f}%" for k, v in means.items())
     assert rb[11].startswith("data ") and "mining" not in rb[11]
+    assert ra[12] == "30.0 → 34.0" and rb[12] == "–"  # effective rank of the held-out features (collapse check)
     # the other tables and the PNG links
     assert "## Time per step by stage" in md and "## Diagnostics" in md and "`target_same_class_mass`" in md
     assert "`pseudo_label_precision_l1`" in md

@@ -11,6 +11,7 @@ Definitions (per logged step, over the last (query, key) pair of the step):
                            column, which is not a detection; their measure is target_same_class_mass.
   target_same_class_mass   mean target mass on same-class non-positive columns
   pseudo_label_precision_l share of same-pseudo-label candidate pairs (level l) that share the true class
+and, with every kNN evaluation, `feature_rank` = effective_rank() of the held-out backbone features.
 """
 from __future__ import annotations
 
@@ -51,3 +52,15 @@ def fn_diagnostics(sims: Sims, target: Target, labels_by_id: Tensor, pseudo_labe
             same_pl = (pr[:, None] == pc[None, :]) & (pr[:, None] >= 0) & nonpos
             out[f"pseudo_label_precision_l{lvl}"] = (same_pl & same).sum().float() / same_pl.sum().clamp(min=1)
     return out
+
+
+@torch.no_grad()
+def effective_rank(features: Tensor, eps: float = 1e-7) -> float:
+    """RankMe (Garrido et al., 2023): exp of the entropy of the normalised singular values of [N, D] features.
+
+    A collapse indicator that needs no labels: D for isotropic features, 1 for features on a line. Logged with
+    every kNN evaluation (on the held-out split's backbone features) as `feature_rank`.
+    """
+    s = torch.linalg.svdvals(features.double())
+    p = s / s.sum() + eps
+    return float(torch.exp(-(p * p.log()).sum()))
