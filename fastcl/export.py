@@ -1,6 +1,7 @@
 """Export the trained backbone as a plain torchvision-named ResNet state dict.
 
     python -m fastcl.export --checkpoint RUN --out resnet.pt [--which student|teacher] [--num-classes N]
+    python -m fastcl.export --checkpoint RUN --out resnet.pkl --format detectron2
 
 Writes
 - `resnet.pt`: `torch.save` of a flat {name: tensor} dict with torchvision's ResNet names (`conv1.weight`,
@@ -10,6 +11,12 @@ Writes
   classifier with N outputs.
 - `resnet.json` (same stem): arch, cifar_stem, width, feat_dim, num_classes, which encoder, the source run,
   checkpoint and step, the method, the .pt's sha256, and whether stock torchvision can load it.
+
+`--format detectron2` writes instead a Detectron2 weights file (`.pkl`: pickle of {"model": {name: ndarray},
+"__author__": "fastcl", "matching_heuristics": True}) with Detectron2's ResNet names (`stem.conv1.norm.weight`,
+`res2.0.conv1.weight`, `res3.0.shortcut.norm.running_mean`, ...), for `MODEL.WEIGHTS` of a Detectron2 ResNet
+with `MODEL.RESNETS.STRIDE_IN_1X1 False` (torchvision-style blocks stride in the 3x3 conv), `INPUT.FORMAT RGB`
+and the pixel mean/std of the sidecar (x255). Standard stem only (Detectron2 has no CIFAR stem).
 
 Loading: `fastcl.models.resnet(arch, cifar_stem, width, num_classes).load_state_dict(sd, strict=True)` always
 works. `torchvision.models.<arch>(num_classes=N)` loads it with strict=True when width == 64 and the standard
@@ -22,6 +29,7 @@ import argparse
 import hashlib
 import json
 import os
+import pickle
 import sys
 
 import torch
@@ -59,16 +67,56 @@ def backbone_state(checkpoint: str, which: str = "student", num_classes: int = 0
     return state, info
 
 
+def detectron2_names(state: dict) -> dict:
+    """torchvision ResNet names -> Detectron2 ResNet names, tensors unchanged. {name: tensor} -> {name: tensor}
+
+    conv1 / bn1 -> stem.conv1 / stem.conv1.norm; layerN -> res(N+1); in a block bnK -> convK.norm and
+    downsample.0 / downsample.1 -> shortcut / shortcut.norm. `num_batches_tracked` and `fc.*` are dropped:
+    Detectron2's frozen/sync BN and its backbones have neither.
+    """
+    out = {}
+    for name, value in state.items():
+        if name.endswith("num_batches_tracked") or name.startswith("fc."):
+            continue
+        if name.startswith("layer"):
+            stage, rest = name.split(".", 1)
+            new = f"res{int(stage[len('layer'):]) + 1}.{rest}"
+        else:
+            new = f"stem.{name}"
+        for k in (1, 2, 3):
+            new = new.replace(f".bn{k}.", f".conv{k}.norm.")
+        out[new.replace(".downsample.0.", ".shortcut.").replace(".downsample.1.", ".shortcut.norm.")] = value
+    return out
+
+
 def sidecar_path(out: str) -> str:
     return os.path.splitext(out)[0] + ".json"
 
 
-def export(checkpoint: str, out: str, which: str = "student", num_classes: int = 0, seed: int = 0) -> dict:
+def export(checkpoint: str, out: str, which: str = "student", num_classes: int = 0, seed: int = 0,
+           fmt: str = "torchvision") -> dict:
     """Write `out` and its JSON sidecar (both atomically); returns the sidecar content."""
     state, info = backbone_state(checkpoint, which, num_classes, seed)
+    if fmt == "detectron2":
+        if info["cifar_stem"]:
+            raise ValueError(f"--format detectron2 needs a standard-stem backbone; {info['checkpoint']} was trained "
+                             f"with model.cifar_stem=true (Detectron2 has no 3x3 stride-1 stem)")
+        state = detectron2_names(state)
+        info.update(format="detectron2-pkl", keys=len(state), num_classes=0, fc="absent",
+                    detectron2_config={"MODEL.RESNETS.DEPTH": int(info["arch"][len("resnet"):]),
+                                       "MODEL.RESNETS.STRIDE_IN_1X1": False, "INPUT.FORMAT": "RGB",
+                                       "MODEL.PIXEL_MEAN": [255 * v for v in info["mean"]],
+                                       "MODEL.PIXEL_STD": [255 * v for v in info["std"]]})
+    elif fmt != "torchvision":
+        raise ValueError(f"--format must be torchvision or detectron2, got {fmt!r}")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = f"{out}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
+    if fmt == "detectron2":
+        with open(tmp, "wb") as f:
+            pickle.dump({"model": {k: v.numpy() for k, v in state.items()}, "__author__": "fastcl",
+                         "matching_heuristics": True}, f)
+    else:
+        torch.save(state, tmp)
     with open(tmp, "rb") as f:
         info["sha256"] = hashlib.sha256(f.read()).hexdigest()
     os.replace(tmp, out)
@@ -86,10 +134,14 @@ def main(argv=None) -> int:
     ap.add_argument("--which", default="student", choices=["student", "teacher"])
     ap.add_argument("--num-classes", type=int, default=0, help="add a freshly initialised fc with N outputs")
     ap.add_argument("--seed", type=int, default=0, help="seed of the fresh fc")
+    ap.add_argument("--format", default="torchvision", choices=["torchvision", "detectron2"],
+                    help="torchvision state dict (.pt) or Detectron2 weights (.pkl)")
     args = ap.parse_args(argv)
     if args.num_classes < 0:
         ap.error(f"--num-classes must be >= 0, got {args.num_classes}")
-    info = export(args.checkpoint, args.out, args.which, args.num_classes, args.seed)
+    if args.format == "detectron2" and args.num_classes:
+        ap.error("--num-classes has no meaning for --format detectron2 (a detection backbone has no fc)")
+    info = export(args.checkpoint, args.out, args.which, args.num_classes, args.seed, args.format)
     print(json.dumps({**info, "out": os.path.abspath(args.out), "sidecar": sidecar_path(args.out)}))
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -243,3 +244,42 @@ def test_effective_rank_tells_collapse_from_spread_features():
     assert effective_rank(line) == pytest.approx(1.0, abs=0.01)
     two = torch.cat([torch.randn(4000, 2, generator=g), torch.zeros(4000, 14)], 1)
     assert 1.9 < effective_rank(two) <= 2.0
+
+
+D2_KEY = re.compile(r"^(stem\.conv1(\.norm)?|res[2-5]\.\d+\.(conv[123]|shortcut)(\.norm)?)\."
+                    r"(weight|bias|running_mean|running_var)$")
+
+
+def test_export_detectron2_names_and_values(run, tmp_path):
+    """--format detectron2: Detectron2's ResNet names for every backbone tensor, the same values; a CIFAR-stem
+    backbone is refused (Detectron2 has no such stem)."""
+    import pickle
+
+    from fastcl import export
+    from fastcl.models import resnet
+    from fastcl.train import train
+    std = str(tmp_path / "std")  # the tiny config: standard stem
+    train(load_config(TINY, [f"trainer.run_dir={std}", "trainer.max_steps=1"]))
+    tv = tmp_path / "tv.pt"
+    assert export.main(["--checkpoint", std, "--out", str(tv)]) == 0
+    out = tmp_path / "d2.pkl"
+    assert export.main(["--checkpoint", std, "--out", str(out), "--format", "detectron2"]) == 0
+    blob = pickle.load(open(out, "rb"))
+    assert blob["__author__"] == "fastcl" and blob["matching_heuristics"] is True
+    d2, sd = blob["model"], torch.load(tv, weights_only=True)
+    assert all(D2_KEY.match(k) for k in d2), [k for k in d2 if not D2_KEY.match(k)]
+    assert len(d2) == len([k for k in sd if not k.endswith("num_batches_tracked")]) == 100  # ResNet-18
+    pairs = {"stem.conv1.weight": "conv1.weight", "stem.conv1.norm.running_var": "bn1.running_var",
+             "res2.1.conv2.norm.weight": "layer1.1.bn2.weight", "res4.0.shortcut.weight": "layer3.0.downsample.0.weight",
+             "res5.0.shortcut.norm.running_mean": "layer4.0.downsample.1.running_mean"}
+    for new, old in pairs.items():
+        assert (d2[new] == sd[old].numpy()).all(), new
+    side = json.loads((tmp_path / "d2.json").read_text())
+    assert side["format"] == "detectron2-pkl" and side["detectron2_config"]["MODEL.RESNETS.STRIDE_IN_1X1"] is False
+    # ResNet-50 (bottlenecks, conv3, shortcuts in every first block) maps completely as well
+    r50 = {k: v for k, v in resnet("resnet50", num_classes=0).state_dict().items()}
+    names = export.detectron2_names(r50)
+    assert all(D2_KEY.match(k) for k in names) and "res5.2.conv3.norm.running_var" in names
+    assert len(names) == len([k for k in r50 if not k.endswith("num_batches_tracked")])
+    with pytest.raises(ValueError, match="standard-stem backbone"):
+        export.export(run, str(tmp_path / "cifar.pkl"), fmt="detectron2")
