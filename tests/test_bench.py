@@ -89,3 +89,13 @@ def test_methods_bench_refuses_sepp_without_its_miner_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         methods.main(["--config", TINY, "--out", str(tmp_path), "--methods", "sepp"])
     assert e.value.code == 2 and "add mocov2 to --methods" in capsys.readouterr().err
+
+
+def test_step_bench_on_a_real_loader_adds_the_mocov2_reference(tmp_path, cifar_folder):
+    """`--method sce sepp --backend torch`: the step includes the real loader; MoCo-v2 is timed too (the
+    reference of the extra-cost column) even when not asked for."""
+    from fastcl.benchmarks import step
+    res = step.main(["--config", TINY, "--method", "sce", "sepp", "--backend", "torch", "--steps", "1",
+                     "--warmup", "1", "--repeats", "1", "--out", str(tmp_path), f"data.path={cifar_folder}/train"])
+    assert sorted(res) == ["mocov2", "sce", "sepp"] and all(r["img_per_s"] > 0 for r in res.values())
+    assert "backend: torch" in _evidence(tmp_path)["config"]

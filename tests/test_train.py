@@ -21,6 +21,14 @@ def _metrics(run_dir):
         return [json.loads(line) for line in f]
 
 
+def _free_port() -> int:
+    """A TCP port nobody listens on now (the rendezvous of a multi-machine launch)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _losses(run_dir):
     return {r["step"]: r["loss"] for r in _metrics(run_dir) if "loss" in r}
 
@@ -149,10 +157,7 @@ def test_multinode_launch_as_two_nodes_on_localhost(tmp_path):
     configs/accelerate/multinode.yaml, --machine_rank 0/1, rendezvous at 127.0.0.1 as at node 0's host name):
     both ranks join one gloo group (world size 2) and train the loss of a 1-process run over the same global
     batches."""
-    import socket
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     over = ["optim.lr=0.002", "data.num_samples=48"]
     run = tmp_path / "run"
     nodes = [subprocess.Popen(
@@ -316,10 +321,7 @@ def test_slurm_script_stops_requeues_and_resumes(tmp_path):
                                    'else echo "$@" >> "$SCONTROL_LOG"; fi\n')
     for f in fake.iterdir():
         f.chmod(0o755)
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     run = tmp_path / "run"
     extra = "trainer.epochs=6 data.num_samples=128 trainer.log_every=1 optim.lr=0.002"
     env = {**os.environ, "PATH": f"{fake}:{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",

@@ -1,7 +1,7 @@
 """Step throughput per method on synthetic data (the compute-only ceiling) and each method's extra cost over
 MoCo-v2, all measured in ONE process with the same network and batch:
 
-    python -m fastcl.bench step [--methods mocov2 sce ...] [--config configs/exp/cifar10_mocov2.yaml] [key=value ...]
+    python -m fastcl.bench step [--method sce ifnd ...] [--backend synthetic] [--config configs/exp/cifar10_mocov2.yaml] [key=value ...]
 
 Timing: warm-up steps first (allocator, numba JIT, cuDNN autotune: excluded), then `--repeats` rounds that each
 time `--steps` consecutive train steps of every method in turn (round-robin, so slow drifts of the machine hit all
@@ -37,21 +37,26 @@ EXTRA = {
 
 
 def _sepp_table(cfg, path: str) -> None:
+    """A neighbour table for SePP's timed steps: from the synthetic images' pixels, or random features for a
+    real loader (only its shape matters for timing)."""
     from fastcl.mining.miner import NeighbourMiner
     from fastcl.pipelines import build_loader
     loader = build_loader(cfg, 0, 1, "cpu")
     n = loader.num_samples
-    emb = F.normalize(torch.cat([loader.images(torch.arange(i, min(i + 512, n)), 8).flatten(1)
-                                 for i in range(0, n, 512)]), dim=1)
+    if hasattr(loader, "images"):
+        emb = F.normalize(torch.cat([loader.images(torch.arange(i, min(i + 512, n)), 8).flatten(1)
+                                     for i in range(0, n, 512)]), dim=1)
+    else:
+        emb = F.normalize(torch.randn(n, 32, generator=torch.Generator().manual_seed(0)), dim=1)
     miner = NeighbourMiner(n, 5, 0.0)
     miner.mine(emb)
     miner.save(path)
 
 
-def build(config: str, method: str, overrides: list[str], scratch: str):
-    """The method's train-step parts on synthetic data; `scratch` holds the SePP table (nothing is written to
+def build(config: str, method: str, overrides: list[str], scratch: str, backend: str = "synthetic"):
+    """The method's train-step parts on `backend`'s data; `scratch` holds the SePP table (nothing is written to
     the run directory: only setup() runs)."""
-    over = ["data.backend=synthetic", "trainer.progress=false", "trainer.knn_every=0",
+    over = [f"data.backend={backend}", "trainer.progress=false", "trainer.knn_every=0",
             f"trainer.run_dir={os.path.join(scratch, 'run')}",
             f"method.sepp.table_path={os.path.join(scratch, 'sepp.npz')}"] + EXTRA[method] + overrides
     cfg = load_config(config, over)
@@ -63,7 +68,11 @@ def build(config: str, method: str, overrides: list[str], scratch: str):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/exp/cifar10_mocov2.yaml")
-    ap.add_argument("--methods", nargs="+", default=list(EXTRA), choices=list(EXTRA))
+    ap.add_argument("--methods", "--method", nargs="+", default=list(EXTRA), choices=list(EXTRA),
+                    help="methods to time in one process (MoCo-v2 included: the extra cost is measured against it)")
+    ap.add_argument("--backend", default="synthetic",
+                    help="synthetic (compute-only ceiling, default) or a real loader (torch, gpu_tensor, ffcv, dali; "
+                         "give data.path=...): the step then includes waiting for its batches")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=5)
@@ -76,12 +85,14 @@ def main(argv=None) -> dict:
 
 
 def _run(a, scratch: str) -> dict:
-    base = load_config(a.config, ["data.backend=synthetic"] + a.overrides)
+    base = load_config(a.config, [f"data.backend={a.backend}"] + a.overrides)
+    if "mocov2" not in a.methods:  # the reference of every "extra cost" number
+        a.methods = ["mocov2"] + list(a.methods)
     if "sepp" in a.methods:
         _sepp_table(base, os.path.join(scratch, "sepp.npz"))
     runs = {}
     for m in a.methods:
-        cfg, parts, loader, sched = build(a.config, m, a.overrides, scratch)
+        cfg, parts, loader, sched = build(a.config, m, a.overrides, scratch, a.backend)
         it = iter(loader)
 
         def next_batch(loader=loader):
