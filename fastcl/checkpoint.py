@@ -139,6 +139,7 @@ def load_first_good(accelerator, candidates: list[str], expect: dict) -> str | N
             continue
         check_compatible(meta, expect, path)
         try:
+            _check_safe_pickles(path)
             accelerator.load_state(path)
         except Exception as e:  # noqa: BLE001 - any unreadable file means: fall back to the previous one
             failed.append((path, _first_line(e)))
@@ -150,6 +151,16 @@ def load_first_good(accelerator, candidates: list[str], expect: dict) -> str | N
         bad, why = failed[0]
         raise ValueError(f"none of {len(failed)} checkpoints could be loaded; the newest, {bad}: {why}")
     return None
+
+
+def _check_safe_pickles(path: str) -> None:
+    """accelerate unpickles registered objects' states (custom_checkpoint_*.pkl) with weights_only=False, which
+    runs any code a tampered file carries. fastcl's states are plain tensors/numbers/dicts, so each file must
+    first load with the restricted unpickler; one that does not is treated as damaged."""
+    import torch
+
+    for name in sorted(n for n in os.listdir(path) if n.startswith("custom_checkpoint_")):
+        torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
 
 
 def _first_line(e: BaseException) -> str:

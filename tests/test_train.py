@@ -245,6 +245,29 @@ def _losses_of_fresh(tmp_path):
     return _losses(run)
 
 
+class _Payload:
+    """Unpickling this runs code (creates a file): what a tampered checkpoint could carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_tampered_checkpoint_state_is_never_unpickled(tmp_path):
+    """A newest checkpoint whose queue/miner state file carries code: refused by the restricted unpickler before
+    accelerate's full one sees it (no code runs), and the run resumes from the previous checkpoint."""
+    run = str(tmp_path / "run")
+    train(load_config(TINY, [f"trainer.run_dir={run}", "trainer.ckpt_every=2", "trainer.max_steps=6"]))
+    marker = tmp_path / "code_ran"
+    with open(os.path.join(run, "checkpoints/step_00000006/custom_checkpoint_1.pkl"), "wb") as f:
+        torch.save({"queue.keys": _Payload(str(marker))}, f)
+    with pytest.warns(UserWarning, match="step_00000006.*resumed from .*step_00000004"):
+        result = train(load_config(TINY, [f"trainer.run_dir={run}", "trainer.resume=auto"]))
+    assert not marker.exists() and result["steps"] == 8
+
+
 def test_sigterm_checkpoints_and_resume_continues(tmp_path):
     """A preempted run (SIGTERM, as SLURM sends) writes a checkpoint and exits 0; --resume auto finishes it
     with the same losses as an uninterrupted run."""
