@@ -17,7 +17,12 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in SUBCOMMANDS:
         sys.exit(f"usage: python -m fastcl.bench {{{','.join(SUBCOMMANDS)}}} [options]   (got {argv[:1]})")
     mod = importlib.import_module(f"fastcl.benchmarks.{argv[0]}")
-    mod.main(argv[1:])
+    from fastcl.config import ConfigError
+    from fastcl.train import SetupError
+    try:
+        mod.main(argv[1:])
+    except (ConfigError, SetupError, FileNotFoundError, ValueError) as e:  # user input: one line, exit 2
+        sys.exit(f"fastcl.bench {argv[0]}: error: {e}")
 
 
 if __name__ == "__main__":

@@ -99,3 +99,10 @@ def test_step_bench_on_a_real_loader_adds_the_mocov2_reference(tmp_path, cifar_f
                      "--warmup", "1", "--repeats", "1", "--out", str(tmp_path), f"data.path={cifar_folder}/train"])
     assert sorted(res) == ["mocov2", "sce", "sepp"] and all(r["img_per_s"] > 0 for r in res.values())
     assert "backend: torch" in _evidence(tmp_path)["config"]
+
+
+def test_bench_bad_input_is_one_line(capsys):
+    from fastcl import bench
+    with pytest.raises(SystemExit) as e:
+        bench.main(["step", "--config", TINY, "--backend", "nope", "--steps", "1"])
+    assert "fastcl.bench step: error:" in str(e.value) and "nope" in str(e.value) and "\n" not in str(e.value)
