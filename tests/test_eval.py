@@ -283,3 +283,27 @@ def test_export_detectron2_names_and_values(run, tmp_path):
     assert len(names) == len([k for k in r50 if not k.endswith("num_batches_tracked")])
     with pytest.raises(ValueError, match="standard-stem backbone"):
         export.export(run, str(tmp_path / "cifar.pkl"), fmt="detectron2")
+
+
+def test_tsne_map_of_real_images(run, cifar_folder, tmp_path):
+    """python -m fastcl.eval.tsne: a PNG a person can read and the 2-D coordinates of every image, in folder
+    order, with their classes; the same seed gives the same map."""
+    import numpy as np
+    from PIL import Image
+
+    from fastcl.eval import tsne
+    out = tmp_path / "map.png"
+    args = ["--checkpoint", run, "--data", f"{cifar_folder}/test", "--perplexity", "10", "--out", str(out),
+            "--no-progress", "--workers", "1", "--device", "cpu"]
+    assert tsne.main(args) == 0
+    z = np.load(tmp_path / "map.npz")
+    assert z["xy"].shape == (200, 2) and np.isfinite(z["xy"]).all() and z["xy"].std(0).min() > 0
+    assert list(z["ids"]) == list(range(200)) and list(z["classes"])[:2] == ["airplane", "automobile"]
+    assert np.bincount(z["labels"]).tolist() == [20] * 10
+    w, h = Image.open(out).size
+    assert w >= 900 and h >= 800
+    first = z["xy"].copy()
+    assert tsne.main(args + ["--max-images", "0"]) == 0
+    assert np.allclose(np.load(tmp_path / "map.npz")["xy"], first)
+    with pytest.raises(ValueError, match="--perplexity must be in"):
+        tsne.main(args + ["--perplexity", "500"])
