@@ -148,3 +148,13 @@ def test_training_never_reads_labels(tmp_path, monkeypatch, method):
 
     monkeypatch.setattr(SyntheticLoader, "__iter__", permuted)
     assert losses(tmp_path, "perm", over) == ref
+
+
+def test_ifnd_pseudo_label_precision_logged_only_once_clustered(tmp_path):
+    """During IFND's warm-up there are no pseudo-labels: the diagnostic is absent, not a misleading 0."""
+    run = tmp_path / "ifnd"
+    train(load_config(TINY, IFND + [f"trainer.run_dir={run}", "trainer.epochs=3"]))
+    recs = [json.loads(line) for line in open(run / "metrics.jsonl") if '"loss"' in line]
+    assert recs and all("pseudo_label_precision_l0" not in r for r in recs if r["epoch"] == 0)
+    last = [r["pseudo_label_precision_l0"] for r in recs if r["epoch"] == 2]  # clustered once acceptance > 0
+    assert last and all(0.0 <= v <= 1.0 for v in last)
