@@ -279,7 +279,8 @@ def diagnose(method, logs: dict, loader) -> dict:
         return {}
     miner = getattr(method, "miner", None)
     pseudo = getattr(miner, "labels", None) if miner is not None else None
-    if pseudo is not None and not bool((pseudo >= 0).any()):  # no clustering yet (warm-up): nothing to measure
+    # host sync (log steps only): no clustering yet (warm-up) means nothing to measure
+    if pseudo is not None and not bool((pseudo >= 0).any()):
         pseudo = None
     out = fn_diagnostics(logs["_sims"], logs["_target"], torch.as_tensor(labels), pseudo)
     if miner is not None and hasattr(miner, "nbr_ids"):
