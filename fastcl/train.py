@@ -57,7 +57,19 @@ def make_accelerator(cfg):
     use_cpu = cfg.trainer.cpu or not torch.cuda.is_available()
     proj = ProjectConfiguration(project_dir=cfg.trainer.run_dir, logging_dir=os.path.join(cfg.trainer.run_dir, "tb"))
     # Mixed precision is applied explicitly in step.py (forward only; targets and CE stay fp32).
-    return Accelerator(cpu=use_cpu, log_with="tensorboard", project_config=proj)
+    return Accelerator(cpu=use_cpu, log_with=tensorboard_tracker(), project_config=proj)
+
+
+def tensorboard_tracker() -> str | None:
+    """"tensorboard" when it is importable, else None with a warning: metrics.jsonl has every number anyway, and
+    a GPU node without TensorBoard installed should still train."""
+    import importlib.util
+    import warnings
+
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        return "tensorboard"
+    warnings.warn("TensorBoard is not installed: no tb/ event files (metrics.jsonl is written as always)")
+    return None
 
 
 def resolve_precision(cfg, device: torch.device) -> str:

@@ -389,3 +389,16 @@ def test_train_restores_signal_handlers(tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     train(load_config(TINY, [f"trainer.run_dir={tmp_path / 'run'}", "trainer.max_steps=1"]))
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_trains_without_tensorboard(tmp_path, monkeypatch):
+    """A node without TensorBoard still trains (warning; metrics.jsonl as always, no tb/ events)."""
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("tensorboard") else real(name, *a))
+    run = tmp_path / "run"
+    with pytest.warns(UserWarning, match="TensorBoard is not installed"):
+        result = train(load_config(TINY, [f"trainer.run_dir={run}"]))
+    assert result["steps"] == 8 and len(_losses(str(run))) == 8
+    assert not (run / "tb").exists() or not any(p.is_file() for p in (run / "tb").rglob("*"))
