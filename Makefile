@@ -8,7 +8,7 @@ STAMP := $(VENV)/.fastcl-installed
 SAMPLE := data/extracted/cifar10_sample/.extracted
 APT_PKGS := pkg-config libturbojpeg0-dev libopencv-dev
 
-.PHONY: demo test install sample clean-runs
+.PHONY: demo test install sample clean-runs gpu-carry
 
 install: $(STAMP)
 
@@ -47,3 +47,15 @@ test: install
 
 clean-runs:
 	rm -rf runs
+
+# What a lent GPU machine (no registry access, Python 3.12 + torch/accelerate/numba preinstalled) lacks, gathered
+# into the ignored data/gpu_carry/ (< 25 MB, within the 64 MiB a device command may carry): pure-Python wheels and
+# the CIFAR-10 JPEG tarball. The device command itself is in docs/GPU.md.
+GPU_WHEELS := omegaconf==2.4.0 PyYAML packaging pytest==9.2.0 pluggy iniconfig pygments pytest-timeout==2.4.0 setuptools wheel
+gpu-carry: install
+	mkdir -p data/gpu_carry/wheels
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
+	  -d data/gpu_carry/wheels $(GPU_WHEELS)
+	cp $${FASTCL_SHARED_DATA:-../shared/data}/cifar10-jpeg/cifar10-jpeg.tar.gz data/gpu_carry/
+	du -sh data/gpu_carry
