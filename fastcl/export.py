@@ -128,10 +128,11 @@ def export(checkpoint: str, out: str, which: str = "student", num_classes: int =
 
 
 def main(argv=None) -> int:
+    from fastcl.eval.linear import add_checkpoint_args
+
     ap = argparse.ArgumentParser(prog="python -m fastcl.export", description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint) or checkpoint directory")
+    add_checkpoint_args(ap)
     ap.add_argument("--out", required=True, help="output .pt path (the JSON sidecar goes next to it)")
-    ap.add_argument("--which", default="student", choices=["student", "teacher"])
     ap.add_argument("--num-classes", type=int, default=0, help="add a freshly initialised fc with N outputs")
     ap.add_argument("--seed", type=int, default=0, help="seed of the fresh fc")
     ap.add_argument("--format", default="torchvision", choices=["torchvision", "detectron2"],

@@ -235,9 +235,9 @@ class StopRequest:
     checkpoint together and leave the loop, so `--resume auto` continues the run after a requeue.
     """
 
-    def __init__(self, stop_file: str = ""):
+    def __init__(self):
         self.flag = False
-        self.stop_file = stop_file  # also stops the run when it appears (checked by rank 0 at log steps)
+        self.stop_file = ""  # set by _train: also stops the run when it appears (rank 0 checks at log steps)
         self.by_file = False
         self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGUSR1):

@@ -2,7 +2,7 @@
 
 usage: python tests/_kill_worker.py N [train.py arguments ...]
 
-Every file of a checkpoint is written into `checkpoints/.tmp-step_XXXXXXXX/` and the directory is renamed only
+Every file of a checkpoint is written into `checkpoints/.tmp-step_<8-digit step>/` and the directory is renamed only
 when complete (fastcl/checkpoint.py). This worker wraps `torch.save` (accelerate writes the optimizer, RNG and
 custom states with it): in the Nth distinct `.tmp-` directory, the first custom-state file (the queue, sample
 table and miner state) gets HALF of its bytes, then the process kills itself with SIGKILL. The model weights,

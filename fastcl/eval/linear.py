@@ -310,13 +310,18 @@ def train_linear(x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val: Tensor,
 
 # ------------------------------------------------------------------------------------------ command
 
-def add_common_args(ap: argparse.ArgumentParser, required: bool = True) -> None:
-    """Arguments shared by the linear, kNN and semi-supervised commands."""
+def add_checkpoint_args(ap: argparse.ArgumentParser, required: bool = True) -> None:
+    """--checkpoint and --which: the backbone every evaluation / export command reads."""
     ap.add_argument("--checkpoint", required=required, help="run directory (newest checkpoint) or checkpoint directory")
-    ap.add_argument("--data", required=True, help="labelled TRAIN image folder (class sub-folders)")
-    ap.add_argument("--val", required=required, help="labelled VAL image folder (same class folder names)")
     ap.add_argument("--which", default="student", choices=["student", "teacher"],
                     help="online encoder, or the EMA teacher for methods that keep one")
+
+
+def add_common_args(ap: argparse.ArgumentParser, required: bool = True) -> None:
+    """Arguments shared by the linear, kNN and semi-supervised commands."""
+    add_checkpoint_args(ap, required)
+    ap.add_argument("--data", required=True, help="labelled TRAIN image folder (class sub-folders)")
+    ap.add_argument("--val", required=required, help="labelled VAL image folder (same class folder names)")
     ap.add_argument("--cache", default=None,
                     help="feature cache folder (default <run>/eval/features; '' disables the cache)")
     ap.add_argument("--eval-size", type=int, default=None,

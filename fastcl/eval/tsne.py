@@ -70,12 +70,11 @@ def plot(xy: np.ndarray, labels: np.ndarray, classes: list[str], title: str, out
 
 
 def main(argv=None) -> int:
-    from fastcl.eval.linear import cached_features, checkpoint_context
+    from fastcl.eval.linear import add_checkpoint_args, cached_features, checkpoint_context
 
     ap = argparse.ArgumentParser(prog="python -m fastcl.eval.tsne", description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="run directory (newest checkpoint) or checkpoint directory")
+    add_checkpoint_args(ap)
     ap.add_argument("--data", required=True, help="image folder to map (class sub-folders colour the points)")
-    ap.add_argument("--which", default="student", choices=["student", "teacher"])
     ap.add_argument("--max-images", type=int, default=2000, help="random subset size (0 = all images)")
     ap.add_argument("--perplexity", type=float, default=30.0)
     ap.add_argument("--seed", type=int, default=0)
