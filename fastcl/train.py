@@ -439,6 +439,13 @@ def _train(cfg, stop: "StopRequest", lock: ckpt.RunDirLock) -> dict:
 
 
 def main(argv=None) -> int:
+    code = _main(argv)
+    if dist.launched_world_size() > 1:  # one of several launched ranks: end without the C++ teardown
+        dist.exit_now(code)
+    return code
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"trainer.resume={args.resume}"] if args.resume else [])
     try:

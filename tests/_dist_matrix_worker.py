@@ -97,6 +97,7 @@ def main() -> None:
         rec = record_run(run["config"], run["overrides"])
         torch.save(rec, os.path.join(out, f"{run['name']}.rank{rec['rank']}.pt"))
     dist.shutdown()  # barrier + destroy: no rank exits while its peer still talks to it
+    dist.exit_now(0)  # no C++ teardown: see fastcl.dist.exit_now
 
 
 if __name__ == "__main__":
