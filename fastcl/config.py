@@ -52,6 +52,13 @@ class ModelCfg:
     proj_out_bn: bool = False  # BN (no affine) on the projector output (SCE ImageNet)
     pred_hidden: int = 0  # >0: online predictor MLP dim -> hidden -> dim (SCE ImageNet); 0 = none
     sync_bn: bool = True  # with >1 process: BN statistics over the global batch
+    # Key-encoder (teacher) batch norm, the leak MoCo's ShuffleBN prevents: off (per-device statistics over the
+    # keys as they come) | shuffle (keys shuffled across devices / BN groups, un-shuffled after: MoCo
+    # `_batch_shuffle_ddp`) | sync (global statistics). Default per recipe (docs/RECIPES.md).
+    shuffle_bn: str = "off"
+    # BN groups per process: statistics over B_local / bn_splits images, for student and teacher (MoCo CIFAR
+    # demo `SplitBatchNorm(bn_splits=8)`, SCE `simulate_n_devices`): one device simulating that many GPUs.
+    bn_splits: int = 1
 
 
 @dataclass
@@ -353,6 +360,8 @@ def validate(cfg: DictConfig) -> None:
     _need(mo.width >= 4, "model.width", f"must be >= 4, got {mo.width}")
     _need(mo.proj_hidden > 0, "model.proj_hidden", f"must be > 0, got {mo.proj_hidden}")
     _need(mo.proj_dim > 0, "model.proj_dim", f"must be > 0, got {mo.proj_dim}")
+    _need(mo.shuffle_bn in ("off", "shuffle", "sync"), "model.shuffle_bn", f"{mo.shuffle_bn!r} not in off|shuffle|sync")
+    _need(mo.bn_splits >= 1, "model.bn_splits", f"must be >= 1, got {mo.bn_splits}")
     _need(mo.proj_layers >= 1, "model.proj_layers", f"must be >= 1, got {mo.proj_layers}")
     _need(len(d.aug.views) >= 2, "data.aug.views", f"need at least 2 views, got {len(d.aug.views)}")
     for i, v in enumerate(d.aug.views):
