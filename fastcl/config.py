@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from typing import Any
 
 import yaml
@@ -62,58 +62,10 @@ class ModelCfg:
 
 
 @dataclass
-class SCECfg:
-    lam: float = 0.5  # weight of the one-hot (InfoNCE) part
-    tau_m: float = 0.05  # teacher (target) temperature
-    self_logit_compat: bool = False  # official-code mode: positive column gets teacher logit 0 instead of -inf
-
-
-@dataclass
-class IFNDCfg:
-    levels: list[int] = field(default_factory=lambda: [10, 20, 40])  # k-means cluster counts K_m [U]
-    refresh_every: int = 1  # re-cluster every R epochs [U]
-    source: str = "table"  # table: SampleTable of EMA keys | pass: full embedding pass (eval transform)
-    mode: str = "elim"  # elim (paper main results) | attr
-    warmup_epochs: int = 0  # epochs with acceptance 0 (instance discrimination only)
-    accept_start: float = 0.0  # acceptance after warm-up, rising linearly to accept_end at the last epoch [U]
-    accept_end: float = 1.0
-    per_cluster: bool = True  # top-a fraction per cluster [U] (False: globally)
-    confidence: str = "centroid"  # centroid: cos to own centroid | margin: nearest - second nearest [U]
-    hierarchy: str = "union"  # union: FN at ANY level (contract ifnd_valid) [U]
-    niter: int = 20
-    nredo: int = 1
-    init: str = "kmeans++"  # kmeans++ | random (PCL); random merges clusters at small k [our choice]
-    seed: int = 0
-
-
-@dataclass
-class SePPCfg:
-    table_path: str = ""  # neighbour table written by `python -m fastcl.mining.sepp`
-    k: int = 5  # neighbours kept per image (at most)
-    threshold: float = 0.5  # minimum cosine [U]
-    rho: float = 0.5  # pair mode: probability that the key view comes from a semantic partner [U]
-    mode: str = "pair"  # pair | multi
-    mask_partners: bool = True  # known partners never act as negatives [U]
-
-
-@dataclass
-class SANECfg:
-    lam: float = 0.5  # weight of the momentum-mixup loss [U: Table 5 best]
-    tau_prime: float = 0.8  # SLR sharpening; teacher temperature = tau * tau_prime
-    mu_start: float = 0.0  # m1 of the cosine mu schedule
-    mu_end: float = 1.0  # m2
-    kappa: float = 2.0  # Beta(kappa, kappa) for the mixing coefficient
-    per_sample_theta: bool = True  # [U] one theta per query row (False: one per batch)
-
-
-@dataclass
-class OracleCfg:
-    mode: str = "elim"  # elim | attr, driven by TRUE labels (research upper bound; reads labels)
-
-
-@dataclass
-class MethodCfg:
-    name: str = "mocov2"  # simclr | mocov2 | sce | ifnd | sepp | sane | oracle
+class MethodCommon:
+    """Keys every method shares; each method's own section (method.sce, method.ifnd, ...) is its `Config`
+    dataclass, declared in its file (fastcl/methods/<name>.py) and attached below from the registry."""
+    name: str = "mocov2"  # a key of fastcl.methods.METHODS
     base: str = "mocov2"  # for ifnd/sepp/oracle: simclr | mocov2 (the candidate set they act on)
     tau: float = 0.2  # student temperature
     queue_size: int = 4096  # 0 = no queue
@@ -122,11 +74,19 @@ class MethodCfg:
     ema: float = 0.99  # EMA momentum at step 0
     ema_end: float = 0.99  # EMA momentum at the last step (cosine ramp; = ema for constant)
     kernel: str = "auto"  # target kernels: auto | torch | numba
-    sce: SCECfg = field(default_factory=SCECfg)
-    ifnd: IFNDCfg = field(default_factory=IFNDCfg)
-    sepp: SePPCfg = field(default_factory=SePPCfg)
-    sane: SANECfg = field(default_factory=SANECfg)
-    oracle: OracleCfg = field(default_factory=OracleCfg)
+
+
+def _method_schema():
+    """MethodCfg = MethodCommon + one field per method section, read from the registry (a method owns its
+    schema: adding one touches its file, its YAML and one registry line)."""
+    from fastcl.methods import METHODS
+
+    sections = [(cls.section, cls.Config, field(default_factory=cls.Config))
+                for cls in METHODS.values() if cls.Config is not None]
+    return make_dataclass("MethodCfg", sections, bases=(MethodCommon,))
+
+
+MethodCfg = _method_schema()
 
 
 @dataclass
@@ -304,38 +264,25 @@ def _need(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
-METHOD_NAMES = ("simclr", "mocov2", "sce", "ifnd", "sepp", "sane", "oracle")
 ARCHS = ("resnet18", "resnet34", "resnet50")
 
 
 def validate(cfg: DictConfig) -> None:
     """Value checks a type cannot express. Each failure names the key and the bad value."""
     m, o, t, d, mo = cfg.method, cfg.optim, cfg.trainer, cfg.data, cfg.model
-    _need(m.name in METHOD_NAMES, "method.name", f"unknown method {m.name!r}; choose one of {list(METHOD_NAMES)}")
+    from fastcl.methods import METHODS
+
+    _need(m.name in METHODS, "method.name", f"unknown method {m.name!r}; choose one of {list(METHODS)}")
+    for cls in METHODS.values():  # every section is checked (a typo in an unused one is still a typo)
+        if cls.Config is not None:
+            for key, ok, msg in cls.Config.checks(m[cls.section]):
+                _need(ok, f"method.{cls.section}.{key}", msg)
     _need(m.base in ("simclr", "mocov2"), "method.base", f"{m.base!r} must be simclr or mocov2")
     _need(mo.arch in ARCHS, "model.arch", f"unknown backbone {mo.arch!r}; choose one of {list(ARCHS)}")
     _need(m.tau > 0, "method.tau", f"temperature must be > 0, got {m.tau}")
     _need(m.queue_size >= 0, "method.queue_size", f"must be >= 0, got {m.queue_size}")
     _need(0 <= m.ema <= 1 and 0 <= m.ema_end <= 1, "method.ema", "EMA momenta must lie in [0, 1]")
     _need(m.kernel in ("auto", "torch", "numba"), "method.kernel", f"{m.kernel!r} not in auto|torch|numba")
-    _need(m.sce.tau_m > 0, "method.sce.tau_m", f"temperature must be > 0, got {m.sce.tau_m}")
-    _need(0 <= m.sce.lam <= 1, "method.sce.lam", f"must lie in [0, 1], got {m.sce.lam}")
-    _need(0 <= m.sane.lam <= 1, "method.sane.lam", f"must lie in [0, 1], got {m.sane.lam}")
-    _need(m.sane.tau_prime > 0, "method.sane.tau_prime", f"must be > 0, got {m.sane.tau_prime}")
-    _need(m.sane.kappa > 0, "method.sane.kappa", f"must be > 0, got {m.sane.kappa}")
-    _need(all(k > 1 for k in m.ifnd.levels) and len(m.ifnd.levels) > 0, "method.ifnd.levels",
-          f"need >= 1 cluster count, each > 1, got {list(m.ifnd.levels)}")
-    _need(m.ifnd.mode in ("elim", "attr"), "method.ifnd.mode", f"{m.ifnd.mode!r} not in elim|attr")
-    _need(m.ifnd.source in ("table", "pass"), "method.ifnd.source", f"{m.ifnd.source!r} not in table|pass")
-    _need(m.ifnd.confidence in ("centroid", "margin"), "method.ifnd.confidence", f"{m.ifnd.confidence!r}")
-    _need(m.ifnd.hierarchy in ("union",), "method.ifnd.hierarchy", f"{m.ifnd.hierarchy!r} not in union")
-    _need(m.ifnd.init in ("kmeans++", "random"), "method.ifnd.init", f"{m.ifnd.init!r} not in kmeans++|random")
-    _need(0 <= m.ifnd.accept_start <= m.ifnd.accept_end <= 1, "method.ifnd.accept_start",
-          f"need 0 <= accept_start <= accept_end <= 1, got {m.ifnd.accept_start}, {m.ifnd.accept_end}")
-    _need(m.ifnd.refresh_every >= 1, "method.ifnd.refresh_every", "must be >= 1")
-    _need(m.sepp.mode in ("pair", "multi"), "method.sepp.mode", f"{m.sepp.mode!r} not in pair|multi")
-    _need(0 <= m.sepp.rho <= 1, "method.sepp.rho", f"must lie in [0, 1], got {m.sepp.rho}")
-    _need(m.oracle.mode in ("elim", "attr"), "method.oracle.mode", f"{m.oracle.mode!r} not in elim|attr")
     _need(o.name in ("sgd", "lars"), "optim.name", f"unknown optimizer {o.name!r}; choose sgd or lars")
     _need(o.batch_size > 0, "optim.batch_size", f"must be > 0, got {o.batch_size}")
     _need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")

@@ -38,6 +38,7 @@ class Sims:
 class ContrastiveMethod(nn.Module):
     """Defaults shared by all methods: MoCo-style layout [gathered batch keys ; queue], one-hot target."""
 
+    section, Config = "", None  # the method's own config section (method.<section>) and its dataclass
     inbatch = False  # True: SimCLR layout (2B in-batch views, no EMA teacher)
     needs_teacher_sims = False  # assign() reads Sims.teacher
 

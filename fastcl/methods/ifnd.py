@@ -11,6 +11,8 @@ attracted as an extra positive (`mode=attr`). The positive is never masked. Work
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from fastcl import dist
@@ -22,7 +24,42 @@ from fastcl.mining.pseudo import acceptance_schedule
 from fastcl.objectives import Target
 
 
+@dataclass
+class IFNDConfig:
+    """method.ifnd"""
+    levels: list[int] = field(default_factory=lambda: [10, 20, 40])  # k-means cluster counts K_m [U]
+    refresh_every: int = 1  # re-cluster every R epochs [U]
+    source: str = "table"  # table: SampleTable of EMA keys | pass: full embedding pass (eval transform)
+    mode: str = "elim"  # elim (paper main results) | attr
+    warmup_epochs: int = 0  # epochs with acceptance 0 (instance discrimination only)
+    accept_start: float = 0.0  # acceptance after warm-up, rising linearly to accept_end at the last epoch [U]
+    accept_end: float = 1.0
+    per_cluster: bool = True  # top-a fraction per cluster [U] (False: globally)
+    confidence: str = "centroid"  # centroid: cos to own centroid | margin: nearest - second nearest [U]
+    hierarchy: str = "union"  # union: FN at ANY level (contract ifnd_valid) [U]
+    niter: int = 20
+    nredo: int = 1
+    init: str = "kmeans++"  # kmeans++ | random (PCL); random merges clusters at small k [our choice]
+    seed: int = 0
+
+    @staticmethod
+    def checks(c) -> list[tuple[str, bool, str]]:
+        return [
+            ("levels", len(c.levels) > 0 and all(k > 1 for k in c.levels),
+             f"need >= 1 cluster count, each > 1, got {list(c.levels)}"),
+            ("mode", c.mode in ("elim", "attr"), f"{c.mode!r} not in elim|attr"),
+            ("source", c.source in ("table", "pass"), f"{c.source!r} not in table|pass"),
+            ("confidence", c.confidence in ("centroid", "margin"), f"{c.confidence!r} not in centroid|margin"),
+            ("hierarchy", c.hierarchy in ("union",), f"{c.hierarchy!r} not in union"),
+            ("init", c.init in ("kmeans++", "random"), f"{c.init!r} not in kmeans++|random"),
+            ("accept_start", 0 <= c.accept_start <= c.accept_end <= 1,
+             f"need 0 <= accept_start <= accept_end <= 1, got {c.accept_start}, {c.accept_end}"),
+            ("refresh_every", c.refresh_every >= 1, "must be >= 1"),
+        ]
+
+
 class IFND(ContrastiveMethod):
+    section, Config = "ifnd", IFNDConfig
     def __init__(self, cfg, num_samples: int, dim: int):
         super().__init__(cfg, num_samples, dim)
         c = cfg.method.ifnd

@@ -6,6 +6,8 @@ mode=attr it is SupCon's L_out with the positive view included (METHODS.md §3.7
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from fastcl.methods.base import ContrastiveMethod, Sims
@@ -13,7 +15,18 @@ from fastcl.methods.label_masks import label_target
 from fastcl.objectives import Target
 
 
+@dataclass
+class OracleConfig:
+    """method.oracle"""
+    mode: str = "elim"  # elim | attr, driven by TRUE labels (research upper bound; reads labels)
+
+    @staticmethod
+    def checks(c) -> list[tuple[str, bool, str]]:
+        return [("mode", c.mode in ("elim", "attr"), f"{c.mode!r} not in elim|attr")]
+
+
 class Oracle(ContrastiveMethod):
+    section, Config = "oracle", OracleConfig
     reads_labels = True  # the only method that does; the trainer logs a warning
 
     def __init__(self, cfg, num_samples: int, dim: int):

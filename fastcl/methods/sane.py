@@ -12,6 +12,8 @@ Random draws (π, θ) come from (seed, step) so a resumed run repeats them exact
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -25,7 +27,25 @@ from fastcl.schedules import cosine_ramp
 _SALT = 0x5A4E
 
 
+@dataclass
+class SANEConfig:
+    """method.sane"""
+    lam: float = 0.5  # weight of the momentum-mixup loss [U: Table 5 best]
+    tau_prime: float = 0.8  # SLR sharpening; teacher temperature = tau * tau_prime
+    mu_start: float = 0.0  # m1 of the cosine mu schedule
+    mu_end: float = 1.0  # m2
+    kappa: float = 2.0  # Beta(kappa, kappa) for the mixing coefficient
+    per_sample_theta: bool = True  # [U] one theta per query row (False: one per batch)
+
+    @staticmethod
+    def checks(c) -> list[tuple[str, bool, str]]:
+        return [("lam", 0 <= c.lam <= 1, f"must lie in [0, 1], got {c.lam}"),
+                ("tau_prime", c.tau_prime > 0, f"must be > 0, got {c.tau_prime}"),
+                ("kappa", c.kappa > 0, f"must be > 0, got {c.kappa}")]
+
+
 class SANE(ContrastiveMethod):
+    section, Config = "sane", SANEConfig
     needs_teacher_sims = True
 
     def schedules(self, total_steps: int, steps_per_epoch: int) -> dict:

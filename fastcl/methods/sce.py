@@ -8,12 +8,28 @@ weak target view, view 1 = strong online view) or symmetric with multi-crop quer
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from fastcl import kernels
 from fastcl.methods.base import ContrastiveMethod, Sims
 from fastcl.objectives import Target
 
 
+@dataclass
+class SCEConfig:
+    """method.sce"""
+    lam: float = 0.5  # weight of the one-hot (InfoNCE) part
+    tau_m: float = 0.05  # teacher (target) temperature
+    self_logit_compat: bool = False  # official-code mode: positive column gets teacher logit 0 instead of -inf
+
+    @staticmethod
+    def checks(c) -> list[tuple[str, bool, str]]:
+        return [("tau_m", c.tau_m > 0, f"temperature must be > 0, got {c.tau_m}"),
+                ("lam", 0 <= c.lam <= 1, f"must lie in [0, 1], got {c.lam}")]
+
+
 class SCE(ContrastiveMethod):
+    section, Config = "sce", SCEConfig
     needs_teacher_sims = True
 
     def assign(self, sims: Sims, sc: dict) -> Target:

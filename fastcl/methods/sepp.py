@@ -12,6 +12,8 @@ rho = 0 or an empty table gives exactly the base method.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import os
 
 import numpy as np
@@ -24,6 +26,22 @@ from fastcl.objectives import Target, one_hot_target
 from fastcl.objectives.targets import multi_positive_target
 
 
+@dataclass
+class SePPConfig:
+    """method.sepp"""
+    table_path: str = ""  # neighbour table written by `python -m fastcl.mining.sepp`
+    k: int = 5  # neighbours kept per image (at most)
+    threshold: float = 0.5  # minimum cosine [U]
+    rho: float = 0.5  # pair mode: probability that the key view comes from a semantic partner [U]
+    mode: str = "pair"  # pair | multi
+    mask_partners: bool = True  # known partners never act as negatives [U]
+
+    @staticmethod
+    def checks(c) -> list[tuple[str, bool, str]]:
+        return [("mode", c.mode in ("pair", "multi"), f"{c.mode!r} not in pair|multi"),
+                ("rho", 0 <= c.rho <= 1, f"must lie in [0, 1], got {c.rho}")]
+
+
 def partner_mask(partners: Tensor, col_ids: Tensor) -> Tensor:
     """partners [B, k] (-1 padded), col_ids [C] -> [B, C] bool: column j holds a partner of row i."""
     out = torch.zeros(partners.shape[0], col_ids.shape[0], dtype=torch.bool, device=col_ids.device)
@@ -34,6 +52,7 @@ def partner_mask(partners: Tensor, col_ids: Tensor) -> Tensor:
 
 
 class SePP(ContrastiveMethod):
+    section, Config = "sepp", SePPConfig
     def __init__(self, cfg, num_samples: int, dim: int):
         super().__init__(cfg, num_samples, dim)
         c = cfg.method.sepp
