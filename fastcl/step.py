@@ -1,39 +1,79 @@
-"""One training step, readable top to bottom (DESIGN.md "One training step").
+"""One training step, readable top to bottom (docs/DESIGN.md, "One training step").
 
-    ema update -> q = normalize(student(view_q)); k = normalize(teacher(view_k)) -> gather keys + ids once
-    -> sims over [batch keys ; queue] -> target = method.assign(...) -> soft CE -> backward -> step
-    -> method.after_step(keys, ids): queue push / table update
+    pairs  = method.pairs(n_views)                  # (query view, key view) terms of the loss
+    z      = student(query views grouped by resolution + method extras)   # ONE module call per step
+    k      = teacher(key views)                     # ONE call, no grad, ShuffleBN per model.shuffle_bn
+    k_all  = keys of every rank (gathered once per key view); ids_all gathered once
+    for each key view:  sims over [k_all ; queue], target = method.assign(...)    # once per KEY view
+    for each pair:      soft CE of q·cols/τ against that target -> method.pair_loss (SANE adds its mixup)
+    loss = mean over pairs -> backward -> step -> method.after_step(keys, ids): queue push / table update
 
-No host sync happens here: the returned metrics are device tensors, read by the trainer every
-`trainer.log_every` steps.
+Every view is encoded exactly once per step (student: the query views; teacher: the key views), so DDP sees
+one student forward per backward for every method and config (DINO's multi-crop wrapper pattern), and
+activations are kept once per view, not once per pair. No host sync happens here: the returned metrics are
+device tensors, read by the trainer every `trainer.log_every` steps.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastcl import dist
-from fastcl.methods.base import ContrastiveMethod, Sims
+from fastcl.methods.base import ContrastiveMethod, Pair, Sims
 from fastcl.models import ema_update
 from fastcl.objectives import soft_cross_entropy
 from fastcl.pipelines.batch import Batch
 from fastcl.timing import StageTimer
 
+_SHUFFLE_SALT = 0x5B4E
+
+
+def forward_group(net: nn.Module, xs: list[Tensor], bn_splits: int = 1, channels_last: bool = False) -> list[Tensor]:
+    """ONE forward of `net` over same-size image batches xs[i] [B, 3, H, W]; returns [B, D] per input.
+
+    With split BN (bn_splits = S > 1) the rows are reordered so that BN slice s holds the s-th B/S rows of EVERY
+    input, which is what GPU s would hold when each GPU concatenates its own views, and restored after.
+    """
+    v, b = len(xs), xs[0].shape[0]
+    x = torch.cat(xs) if v > 1 else xs[0]
+    interleave = bn_splits > 1 and v > 1
+    if interleave:
+        x = x.view(v, bn_splits, b // bn_splits, *x.shape[1:]).transpose(0, 1).reshape(v * b, *x.shape[1:])
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    z = net(x)
+    if interleave:
+        z = z.view(bn_splits, v, b // bn_splits, -1).transpose(0, 1).reshape(v * b, -1)
+    return list(z.split(b))
+
 
 class Student(nn.Module):
-    """The online network: encoder (backbone + projector) followed by the predictor (Identity if none)."""
+    """The online network: encoder (backbone + projector) followed by the predictor (Identity if none).
 
-    def __init__(self, encoder: nn.Module, predictor: nn.Module):
+    forward(groups): each group is a list of same-size image batches run as one forward (its BN statistics
+    cover the group); returns the raw embeddings of every input, in order. The step calls it ONCE per step.
+    """
+
+    def __init__(self, encoder: nn.Module, predictor: nn.Module, bn_splits: int = 1, channels_last: bool = False):
         super().__init__()
         self.encoder = encoder
         self.predictor = predictor
+        self.bn_splits = bn_splits
+        self.channels_last = channels_last
 
-    def forward(self, x: Tensor) -> Tensor:
+    def embed(self, x: Tensor) -> Tensor:
         return self.predictor(self.encoder(x))
+
+    def forward(self, groups: list[list[Tensor]]) -> list[Tensor]:
+        out = []
+        for g in groups:
+            out += forward_group(self.embed, g, self.bn_splits, self.channels_last)
+        return out
 
 
 @dataclass
@@ -48,6 +88,10 @@ class StepParts:
     clip_grad: float
     timer: StageTimer | None = None  # per-stage timing (CUDA events / perf counters), read at log steps
     skip_nonfinite: bool = False  # skip the update of a step whose loss or gradient is not finite
+    shuffle_bn: str = "off"  # key encoder BN: off | shuffle | sync (model.shuffle_bn)
+    bn_splits: int = 1  # BN slices per process (model.bn_splits)
+    seed: int = 0  # trainer.seed: the ShuffleBN permutation is a function of (seed, step)
+    embed_pass: Callable[[], Tensor] | None = None  # [N, D] eval-transform pass over the training set, or None
 
 
 def _stage(parts: StepParts, name: str):
@@ -60,60 +104,116 @@ def _autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def _embed(net: nn.Module, x: Tensor, parts: StepParts) -> Tensor:
-    """L2-normalised fp32 embedding [B, D] (normalise in fp32: cosines feed temperatures as low as 0.05)."""
-    if parts.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with _autocast(x.device, parts.precision):
-        z = net(x)
+def _unit(z: Tensor) -> Tensor:
+    """L2-normalised fp32 embedding (normalise in fp32: cosines feed temperatures as low as 0.05)."""
     return F.normalize(z.float(), dim=1)
 
 
-def queue_pair_loss(parts: StepParts, batch: Batch, qv: int, kv: int, ids_all: Tensor, sc: dict,
-                    step: int) -> tuple[Tensor, Tensor, dict]:
-    """MoCo layout for one (query view, key view) pair. Returns (loss, gathered keys [WB,D], logs)."""
+def shuffle_perm(seed: int, step: int, n: int, device) -> Tensor:
+    """ShuffleBN's permutation of the n = W·B global key images at `step`: a function of (seed, step) only, so
+    every rank draws the same one without a broadcast, and a resumed run repeats it."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 2 + _SHUFFLE_SALT)
+    return torch.randperm(n, generator=g).to(device)
+
+
+@torch.no_grad()
+def encode_keys(parts: StepParts, xs: list[Tensor], step: int) -> tuple[list[Tensor], list[Tensor]]:
+    """Teacher embeddings of the key views: (own rows [B, D] per view, all ranks' rows [WB, D] per view).
+
+    model.shuffle_bn=shuffle (MoCo `_batch_shuffle_ddp`): the W·B key images are permuted across ranks (and, in
+    one process, across the bn_splits BN slices), encoded, and put back, so the BN statistics a key is
+    normalised with never come from the slice its query was normalised with. off / sync: encoded in place (sync:
+    the teacher's BN layers are global).
+    """
+    teacher, w, r, b = parts.teacher, dist.world_size(), dist.rank(), xs[0].shape[0]
+    with _autocast(xs[0].device, parts.precision):
+        if parts.shuffle_bn != "shuffle" or (w == 1 and parts.bn_splits == 1):
+            k = [_unit(t) for t in forward_group(teacher, xs, parts.bn_splits, parts.channels_last)]
+            return k, [dist.gather(t) for t in k]
+        perm = shuffle_perm(parts.seed, step, w * b, xs[0].device)
+        mine = perm[r * b:(r + 1) * b]
+        k_mine = forward_group(teacher, [dist.gather(x)[mine] for x in xs], parts.bn_splits, parts.channels_last)
+    k_all = []
+    for t in k_mine:
+        shuffled = dist.gather(_unit(t))  # [WB, D], row j = key of image perm[j]
+        k_all.append(torch.empty_like(shuffled).index_copy_(0, perm, shuffled))
+    return [t[r * b:(r + 1) * b] for t in k_all], k_all
+
+
+def _groups(views: tuple[Tensor, ...], which: list[int]) -> list[list[int]]:
+    """Indices of `which` grouped by image size, consecutive views of one size forming one group."""
+    groups: list[list[int]] = []
+    for v in which:
+        if groups and views[groups[-1][-1]].shape == views[v].shape:
+            groups[-1].append(v)
+        else:
+            groups.append([v])
+    return groups
+
+
+def encode_student(parts: StepParts, views: tuple[Tensor, ...], which: list[int],
+                   extras: list[list[Tensor]]) -> tuple[dict[int, Tensor], list[Tensor]]:
+    """ONE student call: the views `which` grouped by size, then the method's extra groups. Returns the unit
+    embeddings {view: [B, D]} and the extras' [B, D] list."""
+    groups = _groups(views, which)
+    with _autocast(views[0].device, parts.precision):
+        z = parts.student([[views[v] for v in g] for g in groups] + extras)
+    z = [_unit(t) for t in z]
+    flat = [v for g in groups for v in g]
+    return dict(zip(flat, z[:len(flat)])), z[len(flat):]
+
+
+def queue_losses(parts: StepParts, batch: Batch, ids_all: Tensor, sc: dict, step: int):
+    """MoCo layout. Returns (loss, keys [nK·WB, D] and ids to push, logs)."""
     method, views = parts.method, batch.views
-    b, r = views[qv].shape[0], dist.rank()
+    pairs = method.pairs(len(views))
+    key_views = sorted({kv for _, kv in pairs})
     with _stage(parts, "forward"):
-        q = _embed(parts.student, views[qv], parts)  # [B, D]
-        with torch.no_grad():
-            k = _embed(parts.teacher, views[kv], parts)  # [B, D]
-    with _stage(parts, "gather"):
-        k_all = dist.gather(k)  # [WB, D], once per pair
-    wb = k_all.shape[0]
-    pos = r * b + torch.arange(b, device=q.device)  # own key's column in the gathered batch
-    cols, col_ids = k_all, ids_all
-    if method.queue is not None:
-        # Snapshot of the queue BEFORE this step's push (pushed in after_step).
-        cols = torch.cat([k_all, method.queue.keys.to(k_all.dtype)])
-        col_ids = torch.cat([ids_all, method.queue.ids])
-    valid = (col_ids >= 0).unsqueeze(0).expand(b, -1).clone()  # empty queue slots are not candidates
-    if not parts.method.cfg.method.batch_negatives:
-        valid[:, :wb] = False  # MoCo: only the own key among the batch keys
-    valid[torch.arange(b, device=q.device), pos] = True
+        q, extras = encode_student(parts, views, sorted({qv for qv, _ in pairs}),
+                                   method.student_extras(views, step))
+        k, k_all = encode_keys(parts, [views[v] for v in key_views], step)
+    k, k_all = dict(zip(key_views, k)), dict(zip(key_views, k_all))
+    b, r = views[0].shape[0], dist.rank()
+    dev = views[0].device
+    rows = torch.arange(b, device=dev)
+    pos = r * b + rows  # own key's column in the gathered batch
+    per_key = {}
     with _stage(parts, "assign"):
-        student_sims = q @ cols.T  # [B, C]
-        teacher_sims = (k @ cols.T) if method.needs_teacher_sims else None
-        sims = Sims(student_sims, teacher_sims, pos, valid, batch.index, col_ids)
-        target = method.assign(sims, sc)
-        loss = soft_cross_entropy(student_sims / method.tau, target.prob, target.valid)
-        extra = method.extra_loss(dict(parts=parts, batch=batch, qv=qv, kv=kv, cols=cols, sims=sims, target=target,
-                                       base_loss=loss, sc=sc, step=step))
-    if extra is not None:
-        loss = extra  # the method combines base and extra terms itself (e.g. (1-λ)·L_c + λ·L_mix)
-    # the pair's layout and target stay available to the trainer's diagnostics (read at log steps only)
-    logs = {"pos_sim": (q * k).sum(1).mean().detach(), "_sims": sims, "_target": target}
-    return loss, k_all, logs
+        for kv in key_views:  # candidate layout, teacher sims and target: once per KEY view
+            cols, col_ids = k_all[kv], ids_all
+            if method.queue is not None:  # the queue as it was BEFORE this step's push (after_step)
+                cols = torch.cat([cols, method.queue.keys.to(cols.dtype)])
+                col_ids = torch.cat([ids_all, method.queue.ids])
+            valid = (col_ids >= 0).unsqueeze(0).expand(b, -1).clone()  # empty queue slots are not candidates
+            if not method.layout.batch_negatives:
+                valid[:, :k_all[kv].shape[0]] = False  # MoCo: only the own key among the batch keys
+            valid[rows, pos] = True
+            teacher_sims = k[kv] @ cols.T if method.needs_teacher_sims else None
+            proto = Sims(None, teacher_sims, pos, valid, batch.index, col_ids)  # student sims: per pair
+            per_key[kv] = (cols, proto, method.assign(proto, sc))
+        losses = []
+        for i, (qv, kv) in enumerate(pairs):
+            cols, proto, target = per_key[kv]
+            student_sims = q[qv] @ cols.T  # [B, C]
+            sims = Sims(student_sims, proto.teacher, pos, proto.valid, batch.index, proto.col_ids)
+            ce = soft_cross_entropy(student_sims / method.tau, target.prob, target.valid)
+            losses.append(method.pair_loss(Pair(i, len(views), qv, kv, sims, cols, target, ce), extras, sc, step))
+    loss = torch.stack(losses).mean()
+    qv, kv = pairs[-1]
+    # the last pair's layout and target stay available to the trainer's diagnostics (read at log steps only)
+    logs = {"pos_sim": (q[qv] * k[kv]).sum(1).mean().detach(), "_sims": sims, "_target": target}
+    keys = torch.cat([k_all[v] for v in key_views])  # every key view is enqueued once (sym: both)
+    return loss, keys, ids_all.repeat(len(key_views)), logs
 
 
-def inbatch_loss(parts: StepParts, batch: Batch, ids_all: Tensor, sc: dict) -> tuple[Tensor, Tensor, Tensor, dict]:
+def inbatch_losses(parts: StepParts, batch: Batch, ids_all: Tensor, sc: dict, step: int):
     """SimCLR layout: rows = this rank's 2B views, columns = all 2WB gathered views (with gradient)."""
     method, views = parts.method, batch.views
     b, r = views[0].shape[0], dist.rank()
-    # One forward over both views (as SimCLR does): BN statistics over the 2B images, and one forward per
-    # backward keeps DDP's gradient reduction exact (two forwards before one backward drifted on 2 ranks).
+    # One forward over both views (as SimCLR does): BN statistics over the 2B images.
     with _stage(parts, "forward"):
-        z1, z2 = _embed(parts.student, torch.cat([views[0], views[1]]), parts).split(b)
+        z, _ = encode_student(parts, views, [0, 1], [])
+        z1, z2 = z[0], z[1]
     with _stage(parts, "gather"):
         c1, c2 = dist.gather_with_grad(z1), dist.gather_with_grad(z2)  # [WB, D] each, gradients flow back
     wb = c1.shape[0]
@@ -132,8 +232,7 @@ def inbatch_loss(parts: StepParts, batch: Batch, ids_all: Tensor, sc: dict) -> t
         target = method.assign(sims, sc)
         loss = soft_cross_entropy(student_sims / method.tau, target.prob, target.valid)
     logs = {"pos_sim": (z1 * z2).sum(1).mean().detach(), "_sims": sims, "_target": target}
-    keys = torch.cat([c1, c2]).detach()
-    return loss, keys, col_ids, logs
+    return loss, cols.detach(), col_ids, logs
 
 
 def train_step(parts: StepParts, batch: Batch, sc: dict, step: int) -> dict[str, Tensor]:
@@ -145,15 +244,8 @@ def train_step(parts: StepParts, batch: Batch, sc: dict, step: int) -> dict[str,
             ema_update(parts.teacher, parts.accelerator.unwrap_model(parts.student).encoder, float(sc["ema"]))
     with _stage(parts, "gather"):
         ids_all = dist.gather(batch.index)  # [WB] global ids, gathered once per step
-    if method.inbatch:
-        loss, keys, key_ids, logs = inbatch_loss(parts, batch, ids_all, sc)
-    else:
-        losses, keys_by_view = [], {}  # every key view is enqueued once (sym mode: both global views)
-        for qv, kv in method.pairs(len(batch.views)):
-            pair_loss, keys_by_view[kv], logs = queue_pair_loss(parts, batch, qv, kv, ids_all, sc, step)
-            losses.append(pair_loss)
-        loss = torch.stack(losses).mean()
-        keys, key_ids = torch.cat(list(keys_by_view.values())), ids_all.repeat(len(keys_by_view))
+    losses = inbatch_losses if method.inbatch else queue_losses
+    loss, keys, key_ids, logs = losses(parts, batch, ids_all, sc, step)
     with _stage(parts, "backward"):
         parts.accelerator.backward(loss)
     with _stage(parts, "optimizer"):

@@ -29,11 +29,11 @@ from fastcl import checkpoint as ckpt  # noqa: E402
 from fastcl import dist  # noqa: E402
 from fastcl.config import ConfigError, load_config, save_config  # noqa: E402
 from fastcl.methods import build_method  # noqa: E402
-from fastcl.models import build_encoder, build_predictor, convert_sync_bn, make_teacher  # noqa: E402
+from fastcl.models import (build_encoder, build_predictor, convert_split_bn, convert_sync_bn,  # noqa: E402
+                           make_teacher)
 from fastcl.optim import build_optimizer, set_lr_wd  # noqa: E402
 from fastcl.pipelines import build_loader  # noqa: E402
 from fastcl.schedules import build_schedules  # noqa: E402
-from fastcl.eval.diagnostics import fn_diagnostics  # noqa: E402
 from fastcl.step import StepParts, Student, train_step  # noqa: E402
 from fastcl.timing import StageTimer  # noqa: E402
 
@@ -155,23 +155,37 @@ def setup(cfg, accelerator):
     if cfg.method.queue_size > n:
         raise ConfigError(f"method.queue_size={cfg.method.queue_size} is larger than the dataset ({n} samples): "
                           f"the queue would hold duplicates of the same images")
+    mo = cfg.model
+    local_batch = o.batch_size // world
+    if local_batch % mo.bn_splits:
+        raise ConfigError(f"model.bn_splits={mo.bn_splits} does not divide the per-process batch of {local_batch}")
+    if mo.bn_splits > 1 and mo.sync_bn and world > 1:
+        raise ConfigError("model.bn_splits > 1 simulates per-device BN, model.sync_bn=true makes it global: choose one")
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
-    student = Student(build_encoder(cfg.model), build_predictor(cfg.model)).to(device, memory_format=memory_format)
-    if cfg.model.sync_bn:  # after .to(device): SyncBatchNorm on CUDA, an all-reduce BN on CPU (gloo)
-        student = convert_sync_bn(student)
+    encoder = convert_split_bn(build_encoder(mo), mo.bn_splits)
+    student = Student(encoder, convert_split_bn(build_predictor(mo), mo.bn_splits), mo.bn_splits, t.channels_last)
+    student = student.to(device, memory_format=memory_format)
     try:
-        method = build_method(cfg, n, cfg.model.proj_dim).to(device)
+        method = build_method(cfg, n).to(device)
+        sched_method = method.schedules(t.epochs * len(loader), len(loader))
     except (FileNotFoundError, ValueError) as e:
         raise SetupError(f"{e}") from None
+    # The teacher is copied BEFORE the student's BN goes global, so that its BN follows model.shuffle_bn alone:
+    # off = like the student's, shuffle = per device / per BN slice on shuffled keys, sync = global.
     teacher = None if method.inbatch else make_teacher(student.encoder)
+    if mo.sync_bn:  # after .to(device): SyncBatchNorm on CUDA, an all-reduce BN on CPU (gloo)
+        student = convert_sync_bn(student)
+    if teacher is not None and mo.shuffle_bn == "sync":
+        teacher = convert_sync_bn(convert_split_bn(teacher, 1))
+    elif teacher is not None and mo.shuffle_bn == "off" and mo.sync_bn:
+        teacher = convert_sync_bn(teacher)
     optimizer = build_optimizer(cfg, student)
     if t.compile:
         # In-place Module.compile keeps the state-dict names (torch.compile(student) would prefix every key
         # with "_orig_mod.", breaking export, evaluation and resuming with compile off).
         student.compile()
     student, optimizer = accelerator.prepare(student, optimizer)
-    spe = len(loader)
-    sched = {**build_schedules(cfg, spe), **method.schedules(t.epochs * spe, spe)}
+    sched = {**build_schedules(cfg, len(loader)), **sched_method}
     state = ckpt.TrainState()
     accelerator.register_for_checkpointing(state, method, *([teacher] if teacher is not None else []))
     expect = {"method": cfg.method.name, "arch": cfg.model.arch, "proj_dim": cfg.model.proj_dim,
@@ -185,7 +199,9 @@ def setup(cfg, accelerator):
         if resumed is None:
             raise SetupError(f"trainer.resume={t.resume}: none of {len(candidates)} checkpoints could be loaded")
     parts = StepParts(student, teacher, method, optimizer, accelerator, resolve_precision(cfg, device),
-                      t.channels_last, o.clip_grad, StageTimer(device), t.skip_nonfinite)
+                      t.channels_last, o.clip_grad, StageTimer(device), t.skip_nonfinite, mo.shuffle_bn,
+                      mo.bn_splits, t.seed,
+                      embed_pass(cfg, loader, teacher or accelerator.unwrap_model(student).encoder))
     try:
         method.prepare(parts, loader)
     except (FileNotFoundError, ValueError) as e:
@@ -285,20 +301,24 @@ def memory_use(device: torch.device) -> dict:
 
 
 def diagnose(method, logs: dict, loader) -> dict:
-    """False-negative diagnostics of the step's last pair (reads TRUE labels; logging only)."""
+    """The method's false-negative diagnostics of the step's last pair (reads TRUE labels; logging only)."""
     labels = getattr(loader, "labels", None)
-    if labels is None or "_sims" not in logs or not bool((torch.as_tensor(labels) >= 0).any()):
+    if labels is None or "_sims" not in logs or not bool((torch.as_tensor(labels) >= 0).any()):  # host sync
         return {}
-    miner = getattr(method, "miner", None)
-    pseudo = getattr(miner, "labels", None) if miner is not None else None
-    # host sync (log steps only): no clustering yet (warm-up) means nothing to measure
-    if pseudo is not None and not bool((pseudo >= 0).any()):
-        pseudo = None
-    out = fn_diagnostics(logs["_sims"], logs["_target"], torch.as_tensor(labels), pseudo)
-    if miner is not None and hasattr(miner, "nbr_ids"):
-        from fastcl.mining.knn import pair_precision
-        out["partner_precision"] = pair_precision(miner.nbr_ids.cpu(), torch.as_tensor(labels).cpu())
-    return out
+    return method.diagnostics(logs["_sims"], logs["_target"], torch.as_tensor(labels))
+
+
+def embed_pass(cfg, loader, net):
+    """A function returning [N, D] eval-transform features of every training image by `net` (IFND source=pass;
+    rank 0: the teacher when there is one, else the student's encoder); None where the backend has no such pass."""
+    if cfg.data.backend not in ("torch", "gpu_tensor", "dali", "synthetic"):
+        return None
+
+    def run():
+        from fastcl.eval.features import embed_dataset
+        return embed_dataset(net, cfg, loader)
+
+    return run
 
 
 def _skip(loader, state: ckpt.TrainState):

@@ -5,7 +5,7 @@ configs/method/ and one line here.
 """
 from __future__ import annotations
 
-from fastcl.methods.base import ContrastiveMethod, Sims
+from fastcl.methods.base import ContrastiveMethod, Layout, Pair, Sims
 from fastcl.methods.ifnd import IFND
 from fastcl.methods.mocov2 import MoCoV2
 from fastcl.methods.oracle import Oracle
@@ -31,8 +31,20 @@ def method_class(name: str) -> type[ContrastiveMethod]:
     return METHODS[name]
 
 
-def build_method(cfg, num_samples: int, dim: int) -> ContrastiveMethod:
-    return method_class(cfg.method.name)(cfg, num_samples, dim)
+def build_layout(cfg, num_samples: int) -> Layout:
+    """The Layout of cfg's method (shared keys of `method.*`, the embedding size and the run's seed)."""
+    m, cls = cfg.method, method_class(cfg.method.name)
+    inbatch = cls.inbatch_only or (cls.follows_base and m.base == "simclr")
+    return Layout(inbatch=inbatch, batch_negatives=m.batch_negatives, queue_size=0 if inbatch else m.queue_size,
+                  symmetric=m.symmetric, tau=m.tau, kernel=m.kernel, num_samples=num_samples,
+                  dim=cfg.model.proj_dim, seed=cfg.trainer.seed)
 
 
-__all__ = ["METHODS", "ContrastiveMethod", "Sims", "build_method", "method_class"]
+def build_method(cfg, num_samples: int) -> ContrastiveMethod:
+    """The method of cfg.method.name, given ONLY its own section and the Layout (never the global config)."""
+    cls = method_class(cfg.method.name)
+    section = cfg.method[cls.section] if cls.Config is not None else None
+    return cls(section, build_layout(cfg, num_samples))
+
+
+__all__ = ["METHODS", "ContrastiveMethod", "Layout", "Pair", "Sims", "build_layout", "build_method", "method_class"]

@@ -1,9 +1,13 @@
-"""What a method is: a candidate layout plus a target assignment (DESIGN.md rule 1).
+"""What a method is: a candidate layout plus a target assignment (docs/DESIGN.md, rule 1).
 
-A method object owns its state (queue, SampleTable, miner, schedules) and answers four questions for the
-step: which view pairs act as (query, key); which columns are candidates; what target distribution each row
-gets over them (`assign`); what to do with the keys after the loss (`after_step`). Methods compose these
-parts; `ContrastiveMethod` only supplies defaults (one level, no deep hierarchy).
+A method object owns its state (queue, SampleTable, miner, schedules) and answers, for the step
+(fastcl/step.py), a few questions: which view pairs act as (query, key) (`pairs`); what target distribution each
+row gets over the candidates (`assign`); whether its loss adds a term to the pair's soft cross-entropy
+(`student_extras` + `pair_loss`: SANE's mixup); what to do with the keys after the update (`after_step`); and
+how to measure its label assignment against true labels (`diagnostics`, logging only).
+
+A method never reads the global config: it gets its own section (`Config`, declared in its file) and a `Layout`
+built once from the shared keys. `ContrastiveMethod` supplies defaults and knows no subclass.
 """
 from __future__ import annotations
 
@@ -16,18 +20,33 @@ from fastcl.memory import FeatureQueue, SampleTable
 from fastcl.objectives import Target, one_hot_target
 
 
+@dataclass(frozen=True)
+class Layout:
+    """The candidate layout and run facts a method may rely on; built once by `build_method`."""
+
+    inbatch: bool  # SimCLR layout: rows = 2B in-batch views, no teacher (else MoCo: [gathered keys ; queue])
+    batch_negatives: bool  # queue layout: the other gathered batch keys are candidates too (SANE Eq. 4)
+    queue_size: int  # 0 = no queue (always 0 in the in-batch layout)
+    symmetric: bool  # both global views act as key in turn
+    tau: float  # student temperature
+    kernel: str  # target kernels: auto | torch | numba
+    num_samples: int  # N: sizes the SampleTable, miners and per-sample label tables
+    dim: int  # embedding dimension D
+    seed: int  # trainer.seed: per-step random draws are functions of (seed, step)
+
+
 @dataclass
 class Sims:
     """Everything an assigner may look at for one (query view, key view) pair.
 
-    student: [B, C] cosines q·cols (carries the gradient)
+    student: [B, C] cosines q·cols (carries the gradient); None inside assign() of the queue layout
     teacher: [B, C] cosines k·cols (no grad) or None when the method does not ask for them
     pos:     [B] int64 column of each row's positive
     valid:   [B, C] bool candidate mask (False: empty queue slot, self pair, excluded batch key)
     row_ids: [B] int64 global sample ids of the rows;  col_ids: [C] int64 ids of the columns (-1 empty)
     """
 
-    student: Tensor
+    student: Tensor | None
     teacher: Tensor | None
     pos: Tensor
     valid: Tensor
@@ -35,48 +54,68 @@ class Sims:
     col_ids: Tensor
 
 
+@dataclass
+class Pair:
+    """One (query view, key view) term of the step, after its soft cross-entropy (input of `pair_loss`)."""
+
+    index: int  # position in method.pairs(n_views)
+    n_views: int  # views in the batch
+    qv: int
+    kv: int
+    sims: Sims
+    cols: Tensor  # [C, D] candidate embeddings: [gathered keys of kv ; queue] (no grad)
+    target: Target
+    loss: Tensor  # [] soft CE of the student logits against target
+
+
 class ContrastiveMethod(nn.Module):
-    """Defaults shared by all methods: MoCo-style layout [gathered batch keys ; queue], one-hot target."""
+    """Defaults: MoCo-style layout [gathered batch keys ; queue], one-hot target, keys pushed to the queue."""
 
     section, Config = "", None  # the method's own config section (method.<section>) and its dataclass
-    inbatch = False  # True: SimCLR layout (2B in-batch views, no EMA teacher)
     needs_teacher_sims = False  # assign() reads Sims.teacher
+    inbatch_only = False  # SimCLR: always the in-batch layout
+    follows_base = False  # label-assignment add-ons (IFND, SePP, oracle): layout of `method.base`
 
-    def __init__(self, cfg, num_samples: int, dim: int):
+    def __init__(self, c, layout: Layout):
         super().__init__()
-        if cfg.method.name in ("ifnd", "sepp", "oracle"):  # label-assignment add-ons on either baseline
-            self.inbatch = cfg.method.base == "simclr"
-        self.cfg = cfg
-        self.num_samples = num_samples
-        m = cfg.method
-        self.tau = m.tau
-        self.queue = FeatureQueue(m.queue_size, dim) if (m.queue_size > 0 and not self.inbatch) else None
+        self.c = c  # this method's config section (None for the baselines)
+        self.layout = layout
+        self.inbatch = layout.inbatch
+        self.tau = layout.tau
+        self.queue = FeatureQueue(layout.queue_size, layout.dim) if layout.queue_size > 0 and not layout.inbatch \
+            else None
         self.table: SampleTable | None = None  # created by methods that need it (IFND)
 
     # -- schedules ---------------------------------------------------------------------------------
     def schedules(self, total_steps: int, steps_per_epoch: int) -> dict:
-        """Extra per-step arrays this method needs (SANE's mu, IFND's acceptance); merged into the trainer's."""
+        """Extra per-step arrays this method needs (SANE's mu); merged into the trainer's."""
         return {}
 
     # -- layout -------------------------------------------------------------------------------------
     def pairs(self, n_views: int) -> list[tuple[int, int]]:
-        """(query view, key view) pairs whose losses are averaged.
+        """(query view, key view) pairs whose losses are averaged (queue layout).
 
         Views 0 and 1 are the global crops, views >= 2 local crops (multi-crop), which are queries only.
         Asymmetric (default): view 0 is the key/target (SCE's weak view), every other view a query.
         Symmetric: each global crop is the key of every other crop (SCE sym: 2 crops -> 2 terms,
-        2 + 4 local crops -> 10 terms).
+        2 + 4 local crops -> 10 terms). Each view is still ENCODED once per step (fastcl/step.py).
         """
-        keys = (0, 1) if self.cfg.method.symmetric else (0,)
+        keys = (0, 1) if self.layout.symmetric else (0,)
         return [(qv, kv) for kv in keys for qv in range(n_views) if qv != kv]
 
     # -- targets ------------------------------------------------------------------------------------
     def assign(self, sims: Sims, sc: dict) -> Target:
-        return one_hot_target(sims.pos, sims.student.shape[1], sims.valid)
+        """Target over the candidates. Queue layout: called once per KEY view and shared by every pair with
+        that key, so it must not read `sims.student` (no method's target does)."""
+        return one_hot_target(sims.pos, sims.valid.shape[1], sims.valid)
 
-    def extra_loss(self, ctx: dict) -> Tensor | None:
-        """An additional loss term computed from the step context (SANE's momentum mixup)."""
-        return None
+    def student_extras(self, views: tuple[Tensor, ...], step: int) -> list[list[Tensor]]:
+        """Extra input groups for the student's one call (SANE's mixed images); each group is one forward."""
+        return []
+
+    def pair_loss(self, pair: Pair, extras: list[Tensor], sc: dict, step: int) -> Tensor:
+        """The pair's loss. extras: the L2-normalised embeddings [B, D] of `student_extras`, in order."""
+        return pair.loss
 
     # -- state updates ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -108,3 +147,11 @@ class ContrastiveMethod(nn.Module):
         """Epoch-level work (IFND re-clustering). `parts`: the trainer's StepParts; `loader`: the training
         Loader. Returns metrics to log."""
         return {}
+
+    # -- diagnostics (READ TRUE LABELS; logging only, never fed back) -------------------------------
+    @torch.no_grad()
+    def diagnostics(self, sims: Sims, target: Target, labels: Tensor) -> dict:
+        """False-negative diagnostics of one pair against the true labels [N] (-1 unknown)."""
+        from fastcl.eval.diagnostics import fn_diagnostics
+
+        return fn_diagnostics(sims, target, labels)

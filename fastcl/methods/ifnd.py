@@ -17,7 +17,7 @@ import torch
 
 from fastcl import dist
 from fastcl.memory import SampleTable
-from fastcl.methods.base import ContrastiveMethod, Sims
+from fastcl.methods.base import ContrastiveMethod, Layout, Sims
 from fastcl.methods.label_masks import label_target
 from fastcl.mining.miner import ClusterMiner
 from fastcl.mining.pseudo import acceptance_schedule
@@ -60,34 +60,45 @@ class IFNDConfig:
 
 class IFND(ContrastiveMethod):
     section, Config = "ifnd", IFNDConfig
-    def __init__(self, cfg, num_samples: int, dim: int):
-        super().__init__(cfg, num_samples, dim)
-        c = cfg.method.ifnd
-        if c.source == "pass" and cfg.data.backend not in ("torch", "gpu_tensor", "dali", "synthetic"):
-            raise ValueError(f"method.ifnd.source=pass re-reads the training images as a folder; data.backend="
-                             f"{cfg.data.backend!r} has none: use method.ifnd.source=table")
-        if max(c.levels) > num_samples:  # bad-input fix (test_bad_input): fail at setup, not at the first refresh
-            raise ValueError(f"method.ifnd.levels={list(c.levels)}: a cluster count exceeds the dataset "
-                             f"({num_samples} samples)")
-        self.table = SampleTable(num_samples, dim) if c.source == "table" else None
-        self.miner = ClusterMiner(num_samples, list(c.levels), niter=c.niter, nredo=c.nredo, seed=c.seed,
+    follows_base = True
+
+    def __init__(self, c: IFNDConfig, layout: Layout):
+        super().__init__(c, layout)
+        n = layout.num_samples
+        if max(c.levels) > n:  # bad-input fix (test_bad_input): fail at setup, not at the first refresh
+            raise ValueError(f"method.ifnd.levels={list(c.levels)}: a cluster count exceeds the dataset ({n} samples)")
+        self.table = SampleTable(n, layout.dim) if c.source == "table" else None
+        self.miner = ClusterMiner(n, list(c.levels), niter=c.niter, nredo=c.nredo, seed=c.seed,
                                   confidence=c.confidence, per_cluster=c.per_cluster, init=c.init,
                                   every=c.refresh_every)
-        self.rates = acceptance_schedule(cfg.trainer.epochs, c.warmup_epochs, c.accept_start, c.accept_end)
+        self.rates = None  # per-epoch acceptance, set by schedules() (it needs the run's length)
+
+    def schedules(self, total_steps: int, steps_per_epoch: int) -> dict:
+        c = self.c
+        epochs = total_steps // steps_per_epoch
+        try:
+            self.rates = acceptance_schedule(epochs, c.warmup_epochs, c.accept_start, c.accept_end)
+        except ValueError as e:
+            raise ValueError(f"method.ifnd.warmup_epochs={c.warmup_epochs} with trainer.epochs={epochs}: {e}") from None
+        return {}
+
+    def prepare(self, parts, loader) -> None:
+        super().prepare(parts, loader)
+        if self.c.source == "pass" and parts.embed_pass is None:
+            raise ValueError("method.ifnd.source=pass needs an embedding pass over the training images, which this "
+                             "data.backend does not offer: use method.ifnd.source=table")
 
     @torch.no_grad()
-    def _features(self, parts, loader) -> torch.Tensor:
+    def _features(self, parts) -> torch.Tensor:
         """[N, D] features to cluster (rank 0). Table rows never filled yet get a fixed random direction
         (they are clustered but their labels are dropped below)."""
         if self.table is not None:
             f = self.table.feats.float()
             unseen = ~self.table.seen
-            g = torch.Generator().manual_seed(self.cfg.method.ifnd.seed)
+            g = torch.Generator().manual_seed(self.c.seed)
             f[unseen] = torch.randn(int(unseen.sum()), f.shape[1], generator=g).to(f.device)
             return f
-        from fastcl.eval.features import embed_dataset  # the eval-transform pass (teacher if there is one)
-        net = parts.teacher if parts.teacher is not None else parts.accelerator.unwrap_model(parts.student).encoder
-        return embed_dataset(net, self.cfg, loader)
+        return parts.embed_pass()  # the eval-transform pass (teacher if there is one)
 
     def on_epoch_start(self, epoch: int, parts, loader) -> dict:
         rate = float(self.rates[epoch])
@@ -95,7 +106,7 @@ class IFND(ContrastiveMethod):
             self.miner.labels.fill_(-1)  # warm-up: plain instance discrimination
             return {"ifnd_rate": 0.0}
         if self.miner.due(epoch):
-            feats = self._features(parts, loader) if dist.rank() == 0 else None
+            feats = self._features(parts) if dist.rank() == 0 else None
             self.miner.refresh(feats, rate, epoch)
         else:
             self.miner.relabel(rate)
@@ -105,4 +116,12 @@ class IFND(ContrastiveMethod):
         return {"ifnd_rate": rate, "ifnd_accepted": accepted, "ifnd_mine_s": self.miner.last_seconds}
 
     def assign(self, sims: Sims, sc: dict) -> Target:
-        return label_target(sims, self.miner.labels, self.cfg.method.ifnd.mode, self.cfg.method.kernel)
+        return label_target(sims, self.miner.labels, self.c.mode, self.layout.kernel)
+
+    @torch.no_grad()
+    def diagnostics(self, sims: Sims, target: Target, labels: torch.Tensor) -> dict:
+        from fastcl.eval.diagnostics import fn_diagnostics
+
+        pseudo = self.miner.labels
+        # host sync (log steps only): before the first clustering (warm-up) there is nothing to measure
+        return fn_diagnostics(sims, target, labels, pseudo if bool((pseudo >= 0).any()) else None)

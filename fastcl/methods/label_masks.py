@@ -27,15 +27,6 @@ def label_target(sims: Sims, labels: Tensor, mode: str, backend: str = "auto") -
     rows, cols = lookup(labels, sims.row_ids), lookup(labels, sims.col_ids)
     if mode == "elim":
         valid = kernels.ifnd_valid(sims.pos, rows, cols, sims.valid, backend=backend)
-        return one_hot_target(sims.pos, sims.student.shape[1], valid)
+        return one_hot_target(sims.pos, sims.valid.shape[1], valid)
     prob = kernels.ifnd_attraction_target(sims.pos, rows, cols, sims.valid, backend=backend)
     return Target(prob, sims.valid)
-
-
-def same_label_share(sims: Sims, labels: Tensor) -> Tensor:
-    """Share of valid non-positive candidates that share the row's (first-level) label: [] float."""
-    rows, cols = lookup(labels[:1], sims.row_ids)[0], lookup(labels[:1], sims.col_ids)[0]
-    neg = sims.valid.clone()
-    neg[torch.arange(neg.shape[0], device=neg.device), sims.pos] = False
-    same = (rows[:, None] == cols[None, :]) & (rows[:, None] >= 0) & neg
-    return same.sum() / neg.sum().clamp(min=1)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastcl.methods.base import ContrastiveMethod, Sims
+from fastcl.methods.base import ContrastiveMethod, Layout, Sims
 from fastcl.methods.label_masks import label_target
 from fastcl.objectives import Target
 
@@ -27,16 +27,17 @@ class OracleConfig:
 
 class Oracle(ContrastiveMethod):
     section, Config = "oracle", OracleConfig
-    reads_labels = True  # the only method that does; the trainer logs a warning
+    follows_base = True
 
-    def __init__(self, cfg, num_samples: int, dim: int):
-        super().__init__(cfg, num_samples, dim)
-        self.register_buffer("labels", torch.full((1, num_samples), -1, dtype=torch.long))
+    def __init__(self, c: OracleConfig, layout: Layout):
+        super().__init__(c, layout)
+        self.register_buffer("labels", torch.full((1, layout.num_samples), -1, dtype=torch.long))
 
     def prepare(self, parts, loader) -> None:
+        # THE ONLY METHOD THAT READS DATASET LABELS (research upper bound; the trainer warns).
         if not hasattr(loader, "labels"):
             raise ValueError(f"method.name=oracle needs a loader with a label table; {type(loader).__name__} has none")
         self.labels.copy_(torch.as_tensor(loader.labels, dtype=torch.long).view(1, -1).to(self.labels.device))
 
     def assign(self, sims: Sims, sc: dict) -> Target:
-        return label_target(sims, self.labels, self.cfg.method.oracle.mode, self.cfg.method.kernel)
+        return label_target(sims, self.labels, self.c.mode, self.layout.kernel)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from fastcl import kernels
-from fastcl.methods.base import ContrastiveMethod
+from fastcl.methods.base import ContrastiveMethod, Pair
 from fastcl.objectives import soft_cross_entropy
 from fastcl.pipelines.augment import seed_for
 from fastcl.schedules import cosine_ramp
@@ -49,44 +49,49 @@ class SANE(ContrastiveMethod):
     needs_teacher_sims = True
 
     def schedules(self, total_steps: int, steps_per_epoch: int) -> dict:
-        c = self.cfg.method.sane
-        return {"mu": cosine_ramp(c.mu_start, c.mu_end, total_steps)}
+        return {"mu": cosine_ramp(self.c.mu_start, self.c.mu_end, total_steps)}
 
     def pairs(self, n_views: int) -> list[tuple[int, int]]:
         # Views >= 2 feed the mixup only (see module docstring), never the plain contrastive loss.
-        return [(1, 0), (0, 1)] if self.cfg.method.symmetric else [(1, 0)]
+        return [(1, 0), (0, 1)] if self.layout.symmetric else [(1, 0)]
 
     def mix_params(self, b: int, step: int) -> tuple[Tensor, Tensor]:
         """(permutation [b] int64, theta [b] float) for this step, reproducible from (seed, step)."""
-        c = self.cfg.method.sane
-        rng = np.random.default_rng(seed_for(self.cfg.trainer.seed, step, _SALT))
+        c = self.c
+        rng = np.random.default_rng(seed_for(self.layout.seed, step, _SALT))
         perm = torch.from_numpy(rng.permutation(b))
         theta = rng.beta(c.kappa, c.kappa, size=b if c.per_sample_theta else 1)
         theta = torch.from_numpy(np.broadcast_to(theta, (b,)).astype(np.float32).copy())
         return perm, theta
 
-    def extra_loss(self, ctx: dict) -> Tensor | None:
-        c = self.cfg.method.sane
-        if c.lam == 0:
-            return None  # L = L_c exactly
-        from fastcl.step import _embed  # the step's embedding path (autocast, channels_last, fp32 normalise)
+    def student_extras(self, views: tuple[Tensor, ...], step: int) -> list[list[Tensor]]:
+        """The mixed images x' (one group each: their own BN statistics, as a separate forward would have).
 
-        parts, batch, sims, qv, kv = ctx["parts"], ctx["batch"], ctx["sims"], ctx["qv"], ctx["kv"]
+        Two views: one x' per pair, θ·x_q + (1−θ)·x_k[π]; multi-crop: one per extra view v >= 2, mixed with the
+        partner's crop of the same view (shared by every pair)."""
+        if self.c.lam == 0:
+            return []  # L = L_c exactly
+        b = views[0].shape[0]
+        perm, theta = self.mix_params(b, step)
+        perm = perm.to(views[0].device)
+        pairs = [(views[q], views[k][perm]) for q, k in self.pairs(len(views))] if len(views) <= 2 else \
+            [(views[v], views[v][perm]) for v in range(2, len(views))]
+        th = theta.to(views[0].device).view(-1, 1, 1, 1)
+        return [[th.to(xq.dtype) * xq + (1 - th.to(xq.dtype)) * xp] for xq, xp in pairs]
+
+    def pair_loss(self, pair: Pair, extras: list[Tensor], sc: dict, step: int) -> Tensor:
+        """(1−λ)·L_c + λ·L_mm, L_mm the soft CE of the mixed images' embeddings against the mixed SLR labels."""
+        c = self.c
+        if c.lam == 0:
+            return pair.loss
+        sims = pair.sims
         with torch.no_grad():
-            ybar = kernels.slr_target(sims.teacher, sims.pos, float(ctx["sc"]["mu"]), self.tau * c.tau_prime,
-                                      sims.valid, backend=self.cfg.method.kernel)
-        b = ybar.shape[0]
-        perm, theta = self.mix_params(b, ctx["step"])
+            ybar = kernels.slr_target(sims.teacher, sims.pos, float(sc["mu"]), self.tau * c.tau_prime,
+                                      sims.valid, backend=self.layout.kernel)
+        perm, theta = self.mix_params(ybar.shape[0], step)
         perm, theta = perm.to(ybar.device), theta.to(ybar.device)
         valid = sims.valid | sims.valid[perm]
         y_mix = theta[:, None] * ybar + (1 - theta[:, None]) * ybar[perm]
-        views = batch.views
-        # (query image, partner image) per MM resolution: the plain pair, or each extra multi-crop view
-        pairs = [(views[qv], views[kv][perm])] if len(views) <= 2 else [(views[v], views[v][perm])
-                                                                        for v in range(2, len(views))]
-        l_mm = 0.0
-        for xq, xp in pairs:
-            th = theta.view(-1, 1, 1, 1).to(xq.dtype)
-            z = _embed(parts.student, th * xq + (1 - th) * xp, parts)  # second forward of the online net
-            l_mm = l_mm + soft_cross_entropy(z @ ctx["cols"].T / self.tau, y_mix, valid)
-        return (1 - c.lam) * ctx["base_loss"] + c.lam * l_mm / len(pairs)
+        mine = [extras[pair.index]] if pair.n_views <= 2 else extras  # as built in student_extras
+        l_mm = sum(soft_cross_entropy(z @ pair.cols.T / self.tau, y_mix, valid) for z in mine) / len(mine)
+        return (1 - c.lam) * pair.loss + c.lam * l_mm

@@ -33,7 +33,7 @@ class SCE(ContrastiveMethod):
     needs_teacher_sims = True
 
     def assign(self, sims: Sims, sc: dict) -> Target:
-        c = self.cfg.method.sce
+        c = self.c
         prob = kernels.sce_target(sims.teacher, sims.pos, c.lam, c.tau_m, sims.valid,
-                                  self_logit=0.0 if c.self_logit_compat else None, backend=self.cfg.method.kernel)
+                                  self_logit=0.0 if c.self_logit_compat else None, backend=self.layout.kernel)
         return Target(prob, sims.valid)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastcl.methods.base import ContrastiveMethod, Sims
+from fastcl.methods.base import ContrastiveMethod, Layout, Sims
 from fastcl.mining.miner import NeighbourMiner
 from fastcl.objectives import Target, one_hot_target
 from fastcl.objectives.targets import multi_positive_target
@@ -53,12 +53,14 @@ def partner_mask(partners: Tensor, col_ids: Tensor) -> Tensor:
 
 class SePP(ContrastiveMethod):
     section, Config = "sepp", SePPConfig
-    def __init__(self, cfg, num_samples: int, dim: int):
-        super().__init__(cfg, num_samples, dim)
-        c = cfg.method.sepp
+    follows_base = True
+
+    def __init__(self, c: SePPConfig, layout: Layout):
+        super().__init__(c, layout)
+        num_samples = layout.num_samples
         if not c.table_path or not os.path.isfile(c.table_path):
             raise FileNotFoundError(f"method.sepp.table_path={c.table_path!r}: no neighbour table; mine one with "
-                                    f"`python -m fastcl.mining.sepp --checkpoint RUN --data {cfg.data.path} --out T.npz`")
+                                    f"`python -m fastcl.mining.sepp --checkpoint RUN --data TRAIN_DATA --out T.npz`")
         with np.load(c.table_path) as f:  # the table may hold more partners than the config keeps (k cap below)
             mined_k = int(f["k"])
         self.miner = NeighbourMiner(num_samples, mined_k, c.threshold)
@@ -76,16 +78,16 @@ class SePP(ContrastiveMethod):
 
     def prepare(self, parts, loader) -> None:
         super().prepare(parts, loader)
-        if self.cfg.method.sepp.mode != "pair":
+        if self.c.mode != "pair":
             return
         if not hasattr(loader, "set_key_partners"):
             raise ValueError(f"method.sepp.mode=pair needs a backend that can draw the key view from a partner "
-                             f"image (torch, gpu_tensor, synthetic); data.backend={self.cfg.data.backend!r} cannot: "
-                             f"use method.sepp.mode=multi")
-        loader.set_key_partners(self.miner.nbr_ids, self.cfg.method.sepp.rho)
+                             f"image (torch, gpu_tensor, synthetic); this data.backend ({type(loader).__name__}) "
+                             f"cannot: use method.sepp.mode=multi")
+        loader.set_key_partners(self.miner.nbr_ids, self.c.rho)
 
     def assign(self, sims: Sims, sc: dict) -> Target:
-        c = self.cfg.method.sepp
+        c = self.c
         partners = self.miner.nbr_ids[sims.row_ids]  # [B, k]
         is_partner = partner_mask(partners, sims.col_ids) & sims.valid
         b = sims.pos.shape[0]
@@ -97,4 +99,13 @@ class SePP(ContrastiveMethod):
         if c.mask_partners:
             valid = valid & ~is_partner
             valid[torch.arange(b, device=valid.device), sims.pos] = True
-        return one_hot_target(sims.pos, sims.student.shape[1], valid)
+        return one_hot_target(sims.pos, sims.valid.shape[1], valid)
+
+    @torch.no_grad()
+    def diagnostics(self, sims: Sims, target: Target, labels: Tensor) -> dict:
+        from fastcl.eval.diagnostics import fn_diagnostics
+        from fastcl.mining.knn import pair_precision
+
+        out = fn_diagnostics(sims, target, labels)
+        out["partner_precision"] = pair_precision(self.miner.nbr_ids.cpu(), labels.cpu())
+        return out

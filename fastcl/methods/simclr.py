@@ -3,4 +3,4 @@ from fastcl.methods.base import ContrastiveMethod
 
 
 class SimCLR(ContrastiveMethod):
-    inbatch = True
+    inbatch_only = True

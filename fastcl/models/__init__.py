@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from fastcl.models.ema import ema_update, make_teacher, unwrap
 from fastcl.models.heads import MLP
-from fastcl.models.norm import AllReduceBatchNorm, convert_sync_bn
+from fastcl.models.norm import AllReduceBatchNorm, SplitBatchNorm, convert_split_bn, convert_sync_bn
 from fastcl.models.resnet import ResNet, resnet
 
 
@@ -47,4 +47,5 @@ def build_predictor(model_cfg) -> nn.Module:
 
 
 __all__ = ["Encoder", "build_encoder", "build_predictor", "ResNet", "resnet", "MLP", "make_teacher",
-           "ema_update", "unwrap", "convert_sync_bn", "AllReduceBatchNorm"]
+           "ema_update", "unwrap", "convert_sync_bn", "AllReduceBatchNorm", "SplitBatchNorm",
+           "convert_split_bn"]

@@ -100,13 +100,85 @@ class AllReduceBatchNorm(_BatchNorm):
         return x * scale.to(x.dtype).view(shape) + shift.to(x.dtype).view(shape)
 
 
+class SplitBatchNorm(_BatchNorm):
+    """BatchNorm whose training statistics are computed over `splits` contiguous slices of the batch.
+
+    Input [N, C, *] with N divisible by splits -> same shape. Slice s (rows s·N/S .. (s+1)·N/S) is normalised
+    with its own mean/variance, exactly as S devices each holding one slice would do with per-device BN: one
+    process simulating several GPUs (MoCo's CIFAR demo `SplitBatchNorm(bn_splits=8)`, SCE's `simulate_n_devices`).
+    The running statistics take the mean of the slices' statistics. Eval mode, or splits = 1, is plain BN.
+    Parameter/buffer names are BN's, so checkpoints and torchvision exports are unchanged.
+    """
+
+    def __init__(self, num_features: int, splits: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.splits = splits
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected an input of shape [N, C, *], got {tuple(x.shape)}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.splits
+        if not self.training or s == 1:
+            return super().forward(x)
+        n, c = x.shape[0], x.shape[1]
+        if n % s:
+            raise ValueError(f"model.bn_splits={s} does not divide the batch of {n} images at this BN layer")
+        xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        g = xs.reshape(s, n // s, c, -1)  # [S, N/S, C, spatial]
+        var, mean = torch.var_mean(g, dim=(1, 3), correction=0)  # [S, C] each
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                m = g.shape[1] * g.shape[3]
+                unbiased = var * m / max(m - 1, 1)
+                self.running_mean.mul_(1 - f).add_(mean.mean(0).to(self.running_mean.dtype), alpha=f)
+                self.running_var.mul_(1 - f).add_(unbiased.mean(0).to(self.running_var.dtype), alpha=f)
+        scale = torch.rsqrt(var + self.eps)  # [S, C]
+        shift = -mean * scale
+        if self.affine:
+            scale = scale * self.weight
+            shift = shift * self.weight + self.bias
+        rows = [n // s] * s
+        shape = [1, c] + [1] * (x.dim() - 2)
+        # per-slice affine map; x * a + b keeps x's memory format (channels_last stays channels_last)
+        return torch.cat([xi * a.to(x.dtype).view(shape) + b.to(x.dtype).view(shape)
+                          for xi, a, b in zip(x.split(rows), scale, shift)])
+
+
 _PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def convert_split_bn(module: nn.Module, splits: int) -> nn.Module:
+    """Swap plain BatchNorm layers for SplitBatchNorm(splits), sharing their tensors (splits = 1: unchanged).
+    An existing SplitBatchNorm gets the new count (the teacher of `model.shuffle_bn=sync` uses 1)."""
+    if isinstance(module, SplitBatchNorm):
+        module.splits = splits
+        return module
+    if splits == 1 and not any(isinstance(m, SplitBatchNorm) for m in module.modules()):
+        return module
+    out = module
+    if isinstance(module, _PLAIN_BN) and not isinstance(module, (nn.SyncBatchNorm, AllReduceBatchNorm)):
+        out = SplitBatchNorm(module.num_features, splits, module.eps, module.momentum, module.affine,
+                             module.track_running_stats)
+        if module.affine:
+            out.weight, out.bias = module.weight, module.bias
+        out.running_mean, out.running_var = module.running_mean, module.running_var
+        out.num_batches_tracked = module.num_batches_tracked
+        out.train(module.training)
+    for name, child in module.named_children():
+        out.add_module(name, convert_split_bn(child, splits))
+    return out
 
 
 def _to_allreduce_bn(module: nn.Module, process_group) -> nn.Module:
     """Recursively swap plain BatchNorm layers for AllReduceBatchNorm, sharing their tensors."""
     out = module
-    if isinstance(module, _PLAIN_BN) and not isinstance(module, (nn.SyncBatchNorm, AllReduceBatchNorm)):
+    if isinstance(module, _PLAIN_BN + (SplitBatchNorm,)) and not isinstance(module, (nn.SyncBatchNorm,
+                                                                                      AllReduceBatchNorm)):
         out = AllReduceBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                                  module.track_running_stats, process_group)
         # Share, do not copy: an optimizer or EMA already holding these Parameters stays valid.
@@ -138,4 +210,4 @@ def convert_sync_bn(module: nn.Module, process_group=None) -> nn.Module:
     return _to_allreduce_bn(module, process_group)
 
 
-__all__ = ["AllReduceBatchNorm", "convert_sync_bn"]
+__all__ = ["AllReduceBatchNorm", "SplitBatchNorm", "convert_split_bn", "convert_sync_bn"]
