@@ -138,6 +138,8 @@ def load_first_good(accelerator, candidates: list[str], expect: dict) -> str | N
             failed.append((path, f"{META}: {_first_line(e)}"))
             continue
         check_compatible(meta, expect, path)
+        if meta.get("files") and expect.get("files") and meta["files"] != expect["files"]:
+            raise ValueError(f"checkpoint {path} holds {meta['files']} but this run registers {expect['files']}")
         try:
             _check_safe_pickles(path)
             accelerator.load_state(path)
@@ -179,43 +181,94 @@ def find_checkpoint(path: str) -> str:
     return found[0]
 
 
+def register(accelerator, objects: dict) -> dict[str, str]:
+    """Register named objects for checkpointing; returns {name: file} as accelerate writes them, recorded in
+    every checkpoint's fastcl_meta.json so that readers find the teacher or the method state by NAME."""
+    files = {"student": "model.safetensors", "optimizer": "optimizer.bin"}
+    for i, (name, obj) in enumerate(objects.items()):
+        accelerator.register_for_checkpointing(obj)
+        files[name] = f"custom_checkpoint_{i}.pkl"  # accelerate's name for the i-th registered object
+    return files
+
+
+def _legacy_files(ck: str) -> dict[str, str]:
+    """Checkpoints written before fastcl_meta.json named its files: objects were registered as (train state,
+    method, teacher if any)."""
+    customs = sorted(n for n in os.listdir(ck) if n.startswith("custom_checkpoint_"))
+    files = {"student": "model.safetensors", "optimizer": "optimizer.bin"}
+    files.update(zip(("train_state", "method", "teacher"), customs))
+    return files
+
+
+class RunCheckpoint:
+    """One checkpoint of a run, opened for reading: its directory, meta, the run's resolved config and files by
+    name. The one way eval, export, SePP mining and resume find what a run wrote."""
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(find_checkpoint(path))
+        self.run_dir = os.path.dirname(os.path.dirname(self.path))
+        try:
+            self.meta = read_meta(self.path)
+        except (OSError, ValueError) as e:
+            raise CheckpointReadError(f"{os.path.join(self.path, META)}: {_first_line(e)}") from None
+        self.files = self.meta.get("files") or _legacy_files(self.path)
+        self._cfg = None
+
+    @property
+    def cfg(self):
+        """The run's resolved config (<run_dir>/config.yaml), loaded on first use."""
+        if self._cfg is None:
+            from fastcl.config import load_config
+
+            cfg_path = os.path.join(self.run_dir, "config.yaml")
+            if not os.path.isfile(cfg_path):
+                raise FileNotFoundError(f"{cfg_path} (the run's resolved config) is missing next to checkpoint "
+                                        f"{self.path}")
+            self._cfg = load_config(cfg_path)
+        return self._cfg
+
+    def has(self, name: str) -> bool:
+        return name in self.files
+
+    def file(self, name: str) -> str:
+        if name not in self.files:
+            raise ValueError(f"{self.path} has no {name} (method {self.meta.get('method', '?')!r} trains without one)")
+        return os.path.join(self.path, self.files[name])
+
+    def encoder(self, which: str = "student"):
+        """The student's (online) or the EMA teacher's encoder (backbone + projector), on CPU, in eval mode."""
+        import torch
+        from safetensors.torch import load_file
+
+        from fastcl.models import build_encoder
+
+        enc = build_encoder(self.cfg.model)
+        path = self.file(which)
+        # bad-input fix (tests/test_bad_input.py): a damaged file was a safetensors / unpickling traceback in the
+        # export, eval and mining commands; now one line naming the file (they report ValueErrors that way)
+        try:
+            if which == "student":
+                full = load_file(path)
+                state = {k[len("encoder."):]: v for k, v in full.items() if k.startswith("encoder.")}
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            enc.load_state_dict(state)
+        except Exception as e:  # noqa: BLE001 - any unreadable or mismatched file
+            raise CheckpointReadError(f"cannot load the {which} encoder from {path} ({_first_line(e)})") from None
+        return enc.eval()
+
+
+def open_run(path: str) -> RunCheckpoint:
+    """Open a run directory (its newest checkpoint) or a checkpoint directory."""
+    return RunCheckpoint(path)
+
+
 def load_encoder(path: str, which: str = "student"):
-    """(encoder, cfg) of a run or checkpoint directory, on CPU, in eval mode.
-
-    which: "student" (online encoder: backbone + projector) or "teacher" (the EMA encoder, when the method
-    has one; it is registered as the last custom checkpoint object).
-    """
-    import torch
-    from safetensors.torch import load_file
-
-    from fastcl.config import load_config
-    from fastcl.models import build_encoder
-
-    ck = find_checkpoint(path)
-    cfg_path = os.path.join(ck, os.pardir, os.pardir, "config.yaml")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{cfg_path} (the run's resolved config) is missing next to checkpoint {ck}")
-    cfg = load_config(cfg_path)
-    enc = build_encoder(cfg.model)
-    if which == "teacher":
-        customs = sorted(n for n in os.listdir(ck) if n.startswith("custom_checkpoint_"))
-        if len(customs) < 3:
-            raise ValueError(f"{ck} has no EMA teacher (method {cfg.method.name!r} trains without one)")
-        path = os.path.join(ck, customs[-1])
-    else:
-        path = os.path.join(ck, "model.safetensors")
-    # bad-input fix (tests/test_bad_input.py): a damaged file was a safetensors / unpickling traceback in the
-    # export, eval and mining commands; now one line naming the file (they report ValueErrors that way)
-    try:
-        if which == "teacher":
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            full = load_file(path)
-            state = {k[len("encoder."):]: v for k, v in full.items() if k.startswith("encoder.")}
-        enc.load_state_dict(state)
-    except Exception as e:  # noqa: BLE001 - any unreadable or mismatched file
-        raise CheckpointReadError(f"cannot load the {which} encoder from {path} ({_first_line(e)})") from None
-    return enc.eval(), cfg
+    """(encoder, cfg) of a run or checkpoint directory, on CPU, in eval mode (see RunCheckpoint.encoder)."""
+    if which not in ("student", "teacher"):
+        raise ValueError(f"--which must be student or teacher, got {which!r}")
+    run = open_run(path)
+    return run.encoder(which), run.cfg
 
 
 class CheckpointReadError(ValueError):

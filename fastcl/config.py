@@ -307,6 +307,8 @@ def validate(cfg: DictConfig) -> None:
     _need(mo.width >= 4, "model.width", f"must be >= 4, got {mo.width}")
     _need(mo.proj_hidden > 0, "model.proj_hidden", f"must be > 0, got {mo.proj_hidden}")
     _need(mo.proj_dim > 0, "model.proj_dim", f"must be > 0, got {mo.proj_dim}")
+    if mo.shuffle_bn in ("False", "false"):  # YAML 1.1 reads a bare `off` as the boolean false
+        mo.shuffle_bn = "off"
     _need(mo.shuffle_bn in ("off", "shuffle", "sync"), "model.shuffle_bn", f"{mo.shuffle_bn!r} not in off|shuffle|sync")
     _need(mo.bn_splits >= 1, "model.bn_splits", f"must be >= 1, got {mo.bn_splits}")
     _need(mo.proj_layers >= 1, "model.proj_layers", f"must be >= 1, got {mo.proj_layers}")

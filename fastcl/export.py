@@ -37,13 +37,13 @@ import torch
 
 def backbone_state(checkpoint: str, which: str = "student", num_classes: int = 0, seed: int = 0):
     """(state dict with torchvision names, info dict) of a run's backbone; see the module docstring."""
-    from fastcl.checkpoint import find_checkpoint, load_encoder, read_meta
+    from fastcl.checkpoint import open_run
     from fastcl.models import resnet
 
     if which not in ("student", "teacher"):
         raise ValueError(f"--which must be student or teacher, got {which!r}")
-    ck = os.path.abspath(find_checkpoint(checkpoint))
-    enc, cfg = load_encoder(ck, which)
+    run = open_run(checkpoint)
+    ck, enc, cfg = run.path, run.encoder(which), run.cfg
     m = cfg.model
     with torch.random.fork_rng(devices=[]):  # a seeded fc that leaves the caller's RNG alone
         torch.manual_seed(seed)
@@ -54,8 +54,7 @@ def backbone_state(checkpoint: str, which: str = "student", num_classes: int = 0
         raise RuntimeError(f"backbone of {ck} does not match a {m.arch} skeleton: missing {missing}, "
                            f"unexpected {unexpected}")
     state = {k: v.detach().clone().contiguous() for k, v in skeleton.state_dict().items()}
-    meta = read_meta(ck)
-    run_dir = os.path.dirname(os.path.dirname(ck))
+    meta, run_dir = run.meta, run.run_dir
     info = {"format": "torchvision-resnet-state-dict", "arch": m.arch, "cifar_stem": bool(m.cifar_stem),
             "width": int(m.width), "feat_dim": int(skeleton.feat_dim), "num_classes": int(num_classes),
             "fc": "fresh nn.Linear default init, seed %d" % seed if num_classes else "absent",

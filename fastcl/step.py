@@ -117,25 +117,31 @@ def shuffle_perm(seed: int, step: int, n: int, device) -> Tensor:
 
 
 @torch.no_grad()
-def encode_keys(parts: StepParts, xs: list[Tensor], step: int) -> tuple[list[Tensor], list[Tensor]]:
-    """Teacher embeddings of the key views: (own rows [B, D] per view, all ranks' rows [WB, D] per view).
+def encode_keys(parts: StepParts, groups: list[list[Tensor]], step: int) -> tuple[list[Tensor], list[Tensor]]:
+    """Teacher embeddings of the key views, ONE teacher call per size group (key views are global crops: one
+    group in every shipped recipe). Returns (own rows [B, D], all ranks' rows [WB, D]) per view, in order.
 
     model.shuffle_bn=shuffle (MoCo `_batch_shuffle_ddp`): the W·B key images are permuted across ranks (and, in
     one process, across the bn_splits BN slices), encoded, and put back, so the BN statistics a key is
     normalised with never come from the slice its query was normalised with. off / sync: encoded in place (sync:
     the teacher's BN layers are global).
     """
-    teacher, w, r, b = parts.teacher, dist.world_size(), dist.rank(), xs[0].shape[0]
-    with _autocast(xs[0].device, parts.precision):
-        if parts.shuffle_bn != "shuffle" or (w == 1 and parts.bn_splits == 1):
-            k = [_unit(t) for t in forward_group(teacher, xs, parts.bn_splits, parts.channels_last)]
-            return k, [dist.gather(t) for t in k]
-        perm = shuffle_perm(parts.seed, step, w * b, xs[0].device)
-        mine = perm[r * b:(r + 1) * b]
-        k_mine = forward_group(teacher, [dist.gather(x)[mine] for x in xs], parts.bn_splits, parts.channels_last)
+    teacher, w, r = parts.teacher, dist.world_size(), dist.rank()
+    b, dev = groups[0][0].shape[0], groups[0][0].device
+    shuffle = parts.shuffle_bn == "shuffle" and (w > 1 or parts.bn_splits > 1)
+    perm = shuffle_perm(parts.seed, step, w * b, dev) if shuffle else None
+    k = []
+    with _autocast(dev, parts.precision):
+        for g in groups:
+            if shuffle:
+                mine = perm[r * b:(r + 1) * b]
+                g = [dist.gather(x)[mine] for x in g]
+            k += [_unit(t) for t in forward_group(teacher, g, parts.bn_splits, parts.channels_last)]
+    if not shuffle:
+        return k, [dist.gather(t) for t in k]
     k_all = []
-    for t in k_mine:
-        shuffled = dist.gather(_unit(t))  # [WB, D], row j = key of image perm[j]
+    for t in k:
+        shuffled = dist.gather(t)  # [WB, D], row j = key of image perm[j]
         k_all.append(torch.empty_like(shuffled).index_copy_(0, perm, shuffled))
     return [t[r * b:(r + 1) * b] for t in k_all], k_all
 
@@ -171,8 +177,10 @@ def queue_losses(parts: StepParts, batch: Batch, ids_all: Tensor, sc: dict, step
     with _stage(parts, "forward"):
         q, extras = encode_student(parts, views, sorted({qv for qv, _ in pairs}),
                                    method.student_extras(views, step))
-        k, k_all = encode_keys(parts, [views[v] for v in key_views], step)
-    k, k_all = dict(zip(key_views, k)), dict(zip(key_views, k_all))
+        key_groups = _groups(views, key_views)
+        k, k_all = encode_keys(parts, [[views[v] for v in g] for g in key_groups], step)
+    key_order = [v for g in key_groups for v in g]
+    k, k_all = dict(zip(key_order, k)), dict(zip(key_order, k_all))
     b, r = views[0].shape[0], dist.rank()
     dev = views[0].device
     rows = torch.arange(b, device=dev)

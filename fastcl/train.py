@@ -187,9 +187,10 @@ def setup(cfg, accelerator):
     student, optimizer = accelerator.prepare(student, optimizer)
     sched = {**build_schedules(cfg, len(loader)), **sched_method}
     state = ckpt.TrainState()
-    accelerator.register_for_checkpointing(state, method, *([teacher] if teacher is not None else []))
+    objects = {"train_state": state, "method": method, **({"teacher": teacher} if teacher is not None else {})}
+    files = ckpt.register(accelerator, objects)
     expect = {"method": cfg.method.name, "arch": cfg.model.arch, "proj_dim": cfg.model.proj_dim,
-              "width": cfg.model.width, "cifar_stem": cfg.model.cifar_stem}
+              "width": cfg.model.width, "cifar_stem": cfg.model.cifar_stem, "files": files}
     resumed = None
     if candidates:
         try:  # bad-input fix: another method's / architecture's checkpoint, or none loadable -> one line

@@ -16,6 +16,10 @@ cfg = load_config(sys.argv[1], sys.argv[3:])
 out = sys.argv[2]
 acc = make_accelerator(cfg)
 parts, loader, sched, state, _, _ = setup(cfg, acc)
+calls = {"student": 0, "teacher": 0}  # module calls (the DDP wrapper itself on 2 processes)
+parts.student.register_forward_hook(lambda *a: calls.__setitem__("student", calls["student"] + 1))
+if parts.teacher is not None:
+    parts.teacher.register_forward_hook(lambda *a: calls.__setitem__("teacher", calls["teacher"] + 1))
 ids, losses = {}, []
 for epoch in range(cfg.trainer.epochs):
     loader.set_epoch(epoch)
@@ -28,7 +32,7 @@ for epoch in range(cfg.trainer.epochs):
         state.step += 1
         losses.append(float(dist.all_reduce_mean(logs["loss"])))
 q = parts.method.queue
-torch.save({"ids": ids, "losses": losses, "world": dist.world_size(),
+torch.save({"ids": ids, "losses": losses, "world": dist.world_size(), "calls": calls, "steps": state.step,
             "queue_keys": None if q is None else q.keys.cpu(), "queue_ids": None if q is None else q.ids.cpu()},
            f"{out}/rank{dist.rank()}.pt")
 dist.shutdown()

@@ -112,15 +112,10 @@ class FeatureSet:
 
 def checkpoint_context(checkpoint: str):
     """(checkpoint dir, run dir, resolved run config) of a run or checkpoint directory, without loading weights."""
-    from fastcl.checkpoint import find_checkpoint
-    from fastcl.config import load_config
+    from fastcl.checkpoint import open_run
 
-    ck = os.path.abspath(find_checkpoint(checkpoint))
-    run_dir = os.path.dirname(os.path.dirname(ck))
-    cfg_path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{cfg_path} (the run's resolved config) is missing next to checkpoint {ck}")
-    return ck, run_dir, load_config(cfg_path)
+    run = open_run(checkpoint)
+    return run.path, run.run_dir, run.cfg
 
 
 def eval_aug(cfg, eval_size: int | None = None) -> SimpleNamespace:

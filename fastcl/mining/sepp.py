@@ -16,14 +16,15 @@ import os
 import sys
 import time
 
-from fastcl.checkpoint import CheckpointReadError, load_encoder
+from fastcl.checkpoint import open_run
 from fastcl.eval.features import embed_dataset
 from fastcl.mining.miner import NeighbourMiner
 
 
 def mine(checkpoint: str, data: str, out: str, k: int = 5, threshold: float = 0.5, batch_size: int = 256,
          ivf_nlist: int = 0, pca_dim: int = 0, labels_for_report: bool = True) -> dict:
-    enc, cfg = load_encoder(checkpoint, "teacher" if _has_teacher(checkpoint) else "student")
+    run = open_run(checkpoint)
+    enc, cfg = run.encoder("teacher" if run.has("teacher") else "student"), run.cfg
     cfg.data.backend, cfg.data.path, cfg.data.max_samples = "torch", data, 0
     t0 = time.time()
     emb = embed_dataset(enc.backbone, cfg, path=data, batch_size=batch_size, progress=True)
@@ -42,16 +43,6 @@ def mine(checkpoint: str, data: str, out: str, k: int = 5, threshold: float = 0.
         if bool((labels >= 0).all()):
             report["pair_precision"] = float(pair_precision(miner.nbr_ids, labels))
     return report
-
-
-def _has_teacher(checkpoint: str) -> bool:
-    try:
-        load_encoder(checkpoint, "teacher")
-        return True
-    except CheckpointReadError:  # bad-input fix: a damaged teacher is an error, not "no teacher"
-        raise
-    except ValueError:
-        return False
 
 
 def main(argv=None) -> int:
