@@ -9,13 +9,23 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUBCOMMANDS = ("loader", "kernels", "step", "mining", "methods")
+SUBCOMMANDS = {
+    "loader": "data-loader throughput per backend (img/s), JSON evidence",
+    "kernels": "numba target kernels against their torch references",
+    "step": "training-step time per method against MoCo-v2; images encoded per step",
+    "mining": "faiss / torch k-means and kNN engines",
+    "methods": "train every method on one budget and compare (kNN, diagnostics, report)",
+}
+USAGE = "usage: python -m fastcl.bench {" + ",".join(SUBCOMMANDS) + "} [options]   (SUBCOMMAND --help for its options)"
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE + "\n\nsubcommands:\n" + "\n".join(f"  {k:8s} {v}" for k, v in SUBCOMMANDS.items()))
+        return
     if not argv or argv[0] not in SUBCOMMANDS:
-        sys.exit(f"usage: python -m fastcl.bench {{{','.join(SUBCOMMANDS)}}} [options]   (got {argv[:1]})")
+        sys.exit(f"{USAGE}   (got {argv[:1]})")
     mod = importlib.import_module(f"fastcl.benchmarks.{argv[0]}")
     from fastcl.config import ConfigError
     from fastcl.train import SetupError

@@ -114,6 +114,12 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_rank() -> int:
+    """This process's global rank as the launcher set it (RANK), valid also after the process group is gone
+    (accelerate's end_training destroys it); the live group's rank when no launcher set it."""
+    return int(os.environ.get("RANK", rank()))
+
+
 def exit_now(code: int = 0) -> NoReturn:
     """Leave a launched process without the interpreter's C++ teardown, after shutdown().
 

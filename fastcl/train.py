@@ -480,7 +480,7 @@ def _main(argv=None) -> int:
     except FloatingPointError as e:
         print(f"fastcl: error: {e}", file=sys.stderr)
         return 3
-    if dist.rank() == 0:
+    if dist.launched_rank() == 0:  # the group may be gone already (end_training): ask the launcher's RANK
         print(json.dumps(result))
     dist.shutdown()
     return 0

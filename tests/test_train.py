@@ -149,6 +149,8 @@ def test_accelerate_launch_two_processes(tmp_path):
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-4000:]
     assert len(_losses(str(tmp_path / "run"))) == 8
+    printed = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(printed) == 1 and printed[0]["world_size"] == 2  # the result JSON once (rank 0), not per rank
 
 
 @pytest.mark.slow
