@@ -112,3 +112,19 @@ def test_bench_bad_input_is_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["step", "--config", TINY, "--backend", "nope", "--steps", "1"])
     assert "fastcl.bench step: error:" in str(e.value) and "nope" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_step_bench_compares_encode_once_with_per_pair(tmp_path):
+    """--compare-per-pair on the symmetric 2+4 multi-crop structure: the engine encodes 6 student + 2 teacher
+    images per sample in 2 + 1 forwards; the per-pair engine 10 + 10 in 10 + 10; the speedup is their ratio."""
+    from fastcl.benchmarks import step
+    views = "data.aug.views=[{size: 16},{size: 16},{size: 8},{size: 8},{size: 8},{size: 8}]"
+    res = step.main(["--config", TINY, "--method", "sce", "--compare-per-pair", "--steps", "1", "--warmup", "1",
+                     "--repeats", "1", "--out", str(tmp_path), "method.symmetric=true", views])
+    assert sorted(res) == ["mocov2", "mocov2@per_pair", "sce", "sce@per_pair"]
+    once, pp = res["sce"], res["sce@per_pair"]
+    assert (once["student_images_per_sample"], once["teacher_images_per_sample"]) == (6, 2)
+    assert (once["student_forwards_per_step"], once["teacher_forwards_per_step"]) == (2, 1)
+    assert (pp["student_images_per_sample"], pp["teacher_images_per_sample"]) == (10, 10)
+    assert (pp["student_forwards_per_step"], pp["teacher_forwards_per_step"]) == (10, 10)
+    assert once["speedup_vs_per_pair"] == pytest.approx(pp["median_s_per_step"] / once["median_s_per_step"])

@@ -2,6 +2,11 @@
 MoCo-v2, all measured in ONE process with the same network and batch:
 
     python -m fastcl.bench step [--method sce ifnd ...] [--backend synthetic] [--config configs/exp/cifar10_mocov2.yaml] [key=value ...]
+    python -m fastcl.bench step --compare-per-pair --config configs/exp/imagenet_sce_multicrop.yaml ...
+
+Every result reports the images the step encodes per sample (student / teacher, counted at the forward) and the
+module calls per step. --compare-per-pair also times the pre-encode-once engine (fastcl/benchmarks/per_pair.py,
+one forward per (query, key) pair) in the same rounds: "before vs after in one run".
 
 Timing: warm-up steps first (allocator, numba JIT, cuDNN autotune: excluded), then `--repeats` rounds that each
 time `--steps` consecutive train steps of every method in turn (round-robin, so slow drifts of the machine hit all
@@ -21,6 +26,8 @@ import torch.nn.functional as F
 from fastcl.benchmarks.common import sync, write_evidence
 from fastcl.config import load_config, to_yaml
 from fastcl.optim import set_lr_wd
+import fastcl.step as step_mod
+from fastcl.benchmarks.per_pair import per_pair_step
 from fastcl.step import train_step
 from fastcl.train import make_accelerator, setup
 
@@ -76,6 +83,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--compare-per-pair", action="store_true",
+                    help="also time every method with one forward per (query, key) pair (the engine before encode-once)")
     ap.add_argument("--name", default=None, help="evidence file name (default step_<device>)")
     ap.add_argument("--out", default="docs/benchmarks", help="evidence folder")
     ap.add_argument("overrides", nargs="*")
@@ -91,26 +100,30 @@ def _run(a, scratch: str) -> dict:
     if "sepp" in a.methods:
         _sepp_table(base, os.path.join(scratch, "sepp.npz"))
     runs = {}
+    engines = [("", train_step)] + ([("@per_pair", per_pair_step)] if a.compare_per_pair else [])
     for m in a.methods:
-        cfg, parts, loader, sched = build(a.config, m, a.overrides, scratch, a.backend)
-        it = iter(loader)
+        for suffix, fn in engines:
+            torch.manual_seed(0)
+            cfg, parts, loader, sched = build(a.config, m, a.overrides, scratch, a.backend)
+            it = iter(loader)
 
-        def next_batch(loader=loader):
-            nonlocal it
-            b = next(it, None)
-            if b is None:
-                it = iter(loader)
-                b = next(it)
-            return b
+            def next_batch(loader=loader):
+                nonlocal it
+                b = next(it, None)
+                if b is None:
+                    it = iter(loader)
+                    b = next(it)
+                return b
 
-        runs[m] = dict(cfg=cfg, parts=parts, sched=sched, next=next_batch, step=0)
-        if m == "ifnd":  # fill the table, then cluster once so elimination is active in the timed steps
-            for _ in range(max(a.warmup, len(loader))):
-                _one(runs[m])
-            parts.method.on_epoch_start(1, parts, loader)
+            r = runs[m + suffix] = dict(cfg=cfg, parts=parts, sched=sched, next=next_batch, step=0, fn=fn)
+            if m == "ifnd":  # fill the table, then cluster once so elimination is active in the timed steps
+                for _ in range(max(a.warmup, len(loader))):
+                    _one(r)
+                parts.method.on_epoch_start(1, parts, loader)
     for r in runs.values():
         for _ in range(a.warmup):
             _one(r)
+    encoded = {m: _count_encoded(r) for m, r in runs.items()}
     times = {m: [] for m in runs}
     for _ in range(a.repeats):
         for m, r in runs.items():
@@ -121,15 +134,21 @@ def _run(a, scratch: str) -> dict:
             sync()
             times[m].append((time.perf_counter() - t0) / a.steps)
     gb = base.optim.batch_size
-    res = {m: {"median_s_per_step": statistics.median(t), "img_per_s": gb / statistics.median(t), "times": t}
-           for m, t in times.items()}
-    if "mocov2" in res:
-        for m in res:
-            res[m]["extra_vs_mocov2_pct"] = 100 * (res[m]["median_s_per_step"] / res["mocov2"]["median_s_per_step"] - 1)
+    res = {m: {"median_s_per_step": statistics.median(t), "img_per_s": gb / statistics.median(t), "times": t,
+               **encoded[m]} for m, t in times.items()}
+    for m in res:
+        ref = res.get("mocov2@per_pair" if m.endswith("@per_pair") else "mocov2")
+        res[m]["extra_vs_mocov2_pct"] = 100 * (res[m]["median_s_per_step"] / ref["median_s_per_step"] - 1)
+        if m + "@per_pair" in res:  # before (one forward per pair) / after (every view once), same rounds
+            res[m]["speedup_vs_per_pair"] = res[m + "@per_pair"]["median_s_per_step"] / res[m]["median_s_per_step"]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"{'method':8s} {'s/step':>9s} {'img/s':>9s} {'vs MoCo-v2':>11s}")
+    print(f"{'method':16s} {'s/step':>9s} {'img/s':>9s} {'vs MoCo-v2':>11s} {'student/teacher img per sample':>31s} "
+          f"{'fwds':>7s} {'vs per-pair':>11s}")
     for m, r in res.items():
-        print(f"{m:8s} {r['median_s_per_step']:9.4f} {r['img_per_s']:9.1f} {r.get('extra_vs_mocov2_pct', 0):+10.1f}%")
+        sp = f"{r['speedup_vs_per_pair']:10.2f}x" if "speedup_vs_per_pair" in r else ""
+        print(f"{m:16s} {r['median_s_per_step']:9.4f} {r['img_per_s']:9.1f} {r['extra_vs_mocov2_pct']:+10.1f}% "
+              f"{r['student_images_per_sample']:15.1f} / {r['teacher_images_per_sample']:<13.1f} "
+              f"{r['student_forwards_per_step']:3d}+{r['teacher_forwards_per_step']:<3d} {sp}")
     write_evidence(a.name or f"step_{dev}", {"config": to_yaml(base), "global_batch": gb, "steps": a.steps,
                                               "warmup": a.warmup, "repeats": a.repeats, "results": res,
                                               "timing": "perf_counter around --steps consecutive steps, CUDA synced"},
@@ -141,8 +160,32 @@ def _one(r: dict) -> None:
     s = r["step"] % len(r["sched"]["lr"])
     sc = {k: v[s] for k, v in r["sched"].items()}
     set_lr_wd(r["parts"].optimizer, float(sc["lr"]), float(sc["wd"]))
-    train_step(r["parts"], r["next"](), sc, s)
+    r["fn"](r["parts"], r["next"](), sc, s)
     r["step"] += 1
+
+
+def _count_encoded(r: dict) -> dict:
+    """One (untimed) step with every forward counted: images per sample through the student and the teacher,
+    and forwards (size groups) of each: the student's bound embed() vs the teacher Encoder, see fastcl.step."""
+    c = {"student": 0, "teacher": 0, "student_fwd": 0, "teacher_fwd": 0}
+    group, b = step_mod.forward_group, {}
+
+    def counting(net, xs, *a, **k):
+        who = "student" if getattr(net, "__name__", "") == "embed" else "teacher"
+        c[who] += sum(x.shape[0] for x in xs)
+        c[who + "_fwd"] += 1
+        return group(net, xs, *a, **k)
+
+    batch = r["next"]
+    r["next"] = lambda: b.setdefault("x", batch())
+    step_mod.forward_group = counting
+    try:
+        _one(r)
+    finally:
+        step_mod.forward_group, r["next"] = group, batch
+    n = b["x"].views[0].shape[0]
+    return {"student_images_per_sample": c["student"] / n, "teacher_images_per_sample": c["teacher"] / n,
+            "student_forwards_per_step": c["student_fwd"], "teacher_forwards_per_step": c["teacher_fwd"]}
 
 
 if __name__ == "__main__":
