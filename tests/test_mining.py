@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import fastcl.mining.knn as knn_mod
-from fastcl.mining import (ClusterMiner, NeighbourMiner, accept, acceptance_schedule, choose_backend, confidence,
+from fastcl.mining import (ClusterMiner, NeighbourMiner, accept, acceptance_schedule, choose_engine, confidence,
                            knn_search, pair_precision, semantic_pairs, spherical_kmeans)
-from fastcl.mining.backend import faiss_module, faiss_num_gpus
+from fastcl.mining.engine import faiss_module, faiss_num_gpus
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_FAISS = faiss_module() is not None
@@ -72,14 +72,14 @@ def assert_same_knn(s1, i1, s2, i2, tie=1e-5):
 
 
 # ---------------------------------------------------------------------------------------------------- backend
-def test_choose_backend():
-    assert choose_backend("torch") == "torch"
-    assert choose_backend("auto") == ("faiss-gpu" if faiss_num_gpus() else "faiss-cpu" if HAVE_FAISS else "torch")
+def test_choose_engine():
+    assert choose_engine("torch") == "torch"
+    assert choose_engine("auto") == ("faiss-gpu" if faiss_num_gpus() else "faiss-cpu" if HAVE_FAISS else "torch")
     with pytest.raises(ValueError):
-        choose_backend("cuda")
+        choose_engine("cuda")
     if faiss_num_gpus() == 0:   # the silent-CPU trap of ENV.md must be a loud error here
         with pytest.raises(ValueError):
-            choose_backend("faiss-gpu")
+            choose_engine("faiss-gpu")
 
 
 # ---------------------------------------------------------------------------------------------------- k-means

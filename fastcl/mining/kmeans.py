@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastcl.mining.backend import as_f32_numpy, choose_backend, faiss_module, flat_ip_index
+from fastcl.mining.engine import as_f32_numpy, choose_engine, faiss_module, flat_ip_index
 
 INITS = ("random", "kmeans++")
 _CHUNK_ELEMS = 1 << 24   # similarity-matrix elements per chunk in the torch path (64 MiB fp32)
@@ -49,7 +49,7 @@ def spherical_kmeans(x: Tensor, k: int, niter: int = 20, nredo: int = 1, seed: i
     init: "random" (k distinct random points: faiss' default, what PCL used; cheap at any k) or "kmeans++"
     (greedy k-means++, D² = 1 - cos, 2 + ln k candidates per pick: far more reliable for small k, but k
     sequential steps each costing ~(2 + ln k)·N·D, so keep it for k up to a few thousand).
-    backend: see fastcl.mining.backend.choose_backend; the torch engine runs on x's device.
+    backend: see fastcl.mining.engine.choose_engine; the torch engine runs on x's device.
     """
     n, d = x.shape
     if not 1 <= k <= n:
@@ -61,7 +61,7 @@ def spherical_kmeans(x: Tensor, k: int, niter: int = 20, nredo: int = 1, seed: i
     if n < k * min_points_per_centroid:
         warnings.warn(f"k-means of {n} points into {k} clusters: fewer than {min_points_per_centroid} points "
                       "per centroid", stacklevel=2)
-    backend = choose_backend(backend)
+    backend = choose_engine(backend)
     xn = F.normalize(x.detach().float(), dim=1).contiguous()
     g = torch.Generator().manual_seed(seed)     # CPU generator: CPU and CUDA runs draw the same points
     xt = xn

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastcl.mining.backend import as_f32_numpy, choose_backend, faiss_module, flat_ip_index, to_gpu_index
+from fastcl.mining.engine import as_f32_numpy, choose_engine, faiss_module, flat_ip_index, to_gpu_index
 
 _CHUNK_ELEMS = 1 << 24   # similarity elements per (query chunk x bank chunk) block in the torch engine (64 MiB)
 
@@ -37,7 +37,7 @@ def knn_search(queries: Tensor, bank: Tensor, k: int, backend: str = "auto", exc
         raise ValueError("k must be >= 1")
     if exclude_self_ids is not None and exclude_self_ids.shape != (m,):
         raise ValueError(f"exclude_self_ids must have shape [{m}], got {tuple(exclude_self_ids.shape)}")
-    backend = choose_backend(backend)
+    backend = choose_engine(backend)
     if ivf_nlist > 0 and backend == "torch":
         raise ValueError("ivf_nlist > 0 needs a faiss backend; the torch engine only does exact search")
     k_ask = min(n, k + (exclude_self_ids is not None))
@@ -93,7 +93,7 @@ def pca_reduce(x: Tensor, dim: int, backend: str = "auto", max_train: int = 2621
     n, d = x.shape
     if not 0 < dim <= d:
         raise ValueError(f"pca_dim must be in (0, {d}], got {dim}")
-    backend = choose_backend(backend)
+    backend = choose_engine(backend)
     train = x
     if n > max_train:
         train = x[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_train].to(x.device)]

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-BACKENDS = ("faiss-gpu", "faiss-cpu", "torch")
-PREFERENCES = ("auto", "faiss") + BACKENDS
+ENGINES = ("faiss-gpu", "faiss-cpu", "torch")
+PREFERENCES = ("auto", "faiss") + ENGINES
 
 _GPU_RES = None          # lazily created faiss.StandardGpuResources, reused by every GPU index (allocating one
 _GPU_RES_TEMP = None     # costs ~100s of ms and reserves its temp memory, so one per process is the right amount)
@@ -36,7 +36,7 @@ def faiss_num_gpus() -> int:
     return int(faiss.get_num_gpus())
 
 
-def choose_backend(pref: str = "auto") -> str:
+def choose_engine(pref: str = "auto") -> str:
     """Resolve a backend preference to one of "faiss-gpu" | "faiss-cpu" | "torch".
 
     pref: "auto" (faiss-gpu if faiss imports and faiss.get_num_gpus() > 0, else faiss-cpu if faiss imports,
@@ -44,7 +44,7 @@ def choose_backend(pref: str = "auto") -> str:
     backend that cannot run here raises ValueError instead of silently running elsewhere.
     """
     if pref not in PREFERENCES:
-        raise ValueError(f"unknown mining backend {pref!r}; expected one of {PREFERENCES}")
+        raise ValueError(f"unknown mining engine {pref!r}; expected one of {PREFERENCES}")
     have_faiss = faiss_module() is not None
     if pref == "torch":
         return "torch"
