@@ -154,6 +154,8 @@ def test_mlp_layouts():
     assert m[0].bias is not None and m[3].weight is None  # affine=False output BN
     y = m(torch.randn(8, 32))
     torch.testing.assert_close(y.mean(0), torch.zeros(16), atol=1e-5, rtol=0)
+    m = MLP(32, 64, 16, 2, last_bias=False)
+    assert m[0].bias is None and m[3].bias is None and kinds(m) == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
     m = MLP(32, 64, 16, 1)
     assert kinds(m) == ["Linear"] and (m[0].in_features, m[0].out_features) == (32, 16)
     with pytest.raises(ValueError):
@@ -184,6 +186,10 @@ def test_build_encoder_and_predictor():
     assert isinstance(pred, MLP) and [type(x).__name__ for x in pred] == ["Linear", "BatchNorm1d", "ReLU",
                                                                           "Linear"]
     assert pred[0].out_features == 24 and pred(z).shape == (4, 16)
+    # SCE's official predictor: no bias anywhere (last_bias: False), module positions (state-dict names) kept
+    assert pred[0].bias is None and pred[3].bias is None
+    assert sorted(pred.state_dict()) == ["0.weight", "1.bias", "1.num_batches_tracked", "1.running_mean",
+                                         "1.running_var", "1.weight", "3.weight"]
     assert isinstance(build_predictor(_model_cfg(pred_hidden=0)), nn.Identity)
     # MoCo-v2 default: 2 layers, no hidden BN when proj_bn is off.
     enc = build_encoder(_model_cfg(width=8, proj_hidden=32, proj_dim=8, proj_layers=2, proj_bn=False))
