@@ -32,6 +32,12 @@ def label_target(sims: Sims, labels: Tensor, mode: str, backend: str = "auto") -
     return Target(prob, sims.valid)
 
 
+def level_targets(sims: Sims, labels: Tensor, mode: str, backend: str = "auto") -> list[Target]:
+    """IFND's per_level rule: one `label_target` per clustering level (labels [L, N] -> L Targets), i.e.
+    `objectives.targets.ifnd_level_valids` / `ifnd_level_attraction_targets` on the kernel backend."""
+    return [label_target(sims, labels[lv:lv + 1], mode, backend) for lv in range(labels.shape[0])]
+
+
 def same_label_share(sims: Sims, labels: Tensor) -> Tensor:
     """Share of valid non-positive candidates that share the row's (first-level) label: [] float."""
     rows, cols = lookup(labels[:1], sims.row_ids)[0], lookup(labels[:1], sims.col_ids)[0]
