@@ -239,6 +239,7 @@ def inbatch_losses(parts: StepParts, batch: Batch, ids_all: Tensor, sc: dict, st
         sims = Sims(student_sims, teacher_sims, pos, valid, torch.cat([batch.index, batch.index]), col_ids)
         target = method.assign(sims, sc)
         loss = soft_cross_entropy(student_sims / method.tau, target.prob, target.valid)
+        loss = method.pair_loss(Pair(0, len(views), 0, 1, sims, cols.detach(), target, loss), [], sc, step)
     logs = {"pos_sim": (z1 * z2).sum(1).mean().detach(), "_sims": sims, "_target": target}
     return loss, cols.detach(), col_ids, logs
 

@@ -374,10 +374,16 @@ def _apply(x: Tensor, mask: Tensor, fn, *params: Tensor) -> None:
 
 
 def blur_kernel_size(spec: ViewSpec, size: int) -> int:
-    """odd(max(3, blur_kernel_frac * size)): 3 px at 32, 9 px at 96, 23 px at 224. The largest window; each
-    sample's kernel is cut at ceil(3 sigma) inside it (`blur_radius`)."""
+    """The largest blur window: odd(max(3, blur_kernel_frac * size)) (torchvision's 10% convention: 23 px at 224),
+    widened to 2 * ceil(3 * sigma_max) + 1 so that no sampled sigma is cut (the source recipes blur with PIL's
+    GaussianBlur(radius=sigma), whose std is sigma at any image size; a 3 px window at 32 px held sigma 2 to an
+    effective std <= 0.8 px), and at most 2 * (size - 1) + 1 (reflect padding needs radius < size).
+    13 px at 32 and 96 px, 23 px at 224 for sigma in (0.1, 2). Each sample's kernel is cut at ceil(3 sigma)
+    inside it (`blur_radius`), so only the samples with a large sigma pay for the wide window."""
     k = int(max(3.0, spec.blur_kernel_frac * size))
-    return k if k % 2 else k + 1
+    k = k if k % 2 else k + 1
+    need = 2 * math.ceil(3.0 * float(spec.blur_sigma[1])) + 1
+    return max(3, min(max(k, need), 2 * (size - 1) + 1))
 
 
 def blur_radius(sigma: Tensor, ksize: int) -> Tensor:

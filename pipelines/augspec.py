@@ -23,7 +23,7 @@ class ViewSpec:
     gray_p: float = 0.2
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
-    blur_kernel_frac: float = 0.1  # kernel side = odd(frac * size), the SimCLR/MoCo convention (23 px at 224)
+    blur_kernel_frac: float = 0.1  # minimum window side odd(frac * size) (SimCLR/torchvision: 23 px at 224), widened to fit 3 sigma_max
     solarize_p: float = 0.0
     solarize_threshold: float = 0.5  # on [0,1] pixel values
 

@@ -37,6 +37,21 @@ from fastcl.pipelines.torch_loader import ShardedLoader
 DALI_STREAM = 0xDA  # salt of the per-epoch pipeline seed
 
 
+def blur_graph(x, spec: ViewSpec, fn, types, dmath):
+    """Gaussian blur with p=blur_p and sigma ~ U(blur_sigma) per sample -> (blurred x, sigma) DataNodes.
+
+    The window is the sample's ceil(3 sigma) radius inside `augment.blur_kernel_size` (wide enough for the
+    largest sigma at every image size, so the std of the blur is the sampled sigma, as PIL's
+    GaussianBlur(radius=sigma) of the source recipes): the taps beyond hold 0.27% of the Gaussian's mass, and
+    the CPU blur costs ~ linearly in the window. tests/test_augment.py measures the effective std."""
+    sigma = fn.random.uniform(range=list(spec.blur_sigma))
+    radius = dmath.min(dmath.ceil(3.0 * sigma), float(blur_kernel_size(spec, spec.size) // 2))
+    window = fn.cast(2.0 * radius + 1.0, dtype=types.INT32)
+    if fn.random.coin_flip(probability=spec.blur_p):  # per-sample branch: unblurred samples cost nothing
+        x = fn.gaussian_blur(x, sigma=sigma, window_size=window)
+    return x, sigma
+
+
 def _view_graph(images, spec: ViewSpec, mean, std, fn, types, dmath):
     """One augmented view of decoded HWC uint8 images -> normalized CHW float (a DataNode)."""
     x = fn.random_resized_crop(images, size=[spec.size, spec.size], random_area=list(spec.scale),
@@ -61,13 +76,7 @@ def _view_graph(images, spec: ViewSpec, mean, std, fn, types, dmath):
         x = fn.color_twist(x, brightness=factor(spec.brightness), contrast=factor(spec.contrast), saturation=sat,
                            hue=hue)
     if spec.blur_p > 0:
-        sigma = fn.random.uniform(range=list(spec.blur_sigma))
-        # the spec's kernel (torchvision: 10% of the side, 23 taps at 224) truncated at 3 sigma per sample:
-        # the taps beyond hold 0.27% of the Gaussian's mass, and the CPU blur costs ~ linearly in the window
-        radius = dmath.min(dmath.ceil(3.0 * sigma), float(blur_kernel_size(spec, spec.size) // 2))
-        window = fn.cast(2.0 * radius + 1.0, dtype=types.INT32)
-        if fn.random.coin_flip(probability=spec.blur_p):  # per-sample branch: unblurred samples cost nothing
-            x = fn.gaussian_blur(x, sigma=sigma, window_size=window)
+        x, _ = blur_graph(x, spec, fn, types, dmath)
     if spec.solarize_p > 0:
         if fn.random.coin_flip(probability=spec.solarize_p):
             xf = fn.cast(x, dtype=types.FLOAT)

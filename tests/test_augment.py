@@ -119,7 +119,9 @@ def high_freq(x: torch.Tensor) -> torch.Tensor:
 
 
 def test_blur_smooths_and_rate():
-    assert [blur_kernel_size(ViewSpec(), s) for s in (8, 32, 96, 224)] == [3, 3, 9, 23]
+    # 10% of the side (23 px at 224), widened to 2*ceil(3*sigma_max)+1 = 13 px so that sigma 2 is never cut
+    assert [blur_kernel_size(ViewSpec(), s) for s in (8, 32, 96, 224)] == [13, 13, 13, 23]
+    assert blur_kernel_size(ViewSpec(blur_sigma=(0.1, 5.0)), 8) == 15  # reflect padding: radius < side
     x = torch.rand(64, 3, 32, 32)
     y = color_ops(x, ViewSpec(**{**OFF, "blur_p": 1.0, "blur_sigma": (0.5, 2.0)}), gen())
     assert (high_freq(y) < 0.7 * high_freq(x)).all()
@@ -206,6 +208,95 @@ def test_jitter_without_hue_equals_reference():
     ref = color_ops_reference(x8, spec, gen(6))
     assert torch.allclose(color_ops(x8, spec, gen(6)), ref, atol=2e-6)
     assert torch.allclose(color_ops(x8.permute(0, 2, 3, 1).contiguous(), spec, gen(6)), ref, atol=2e-6)
+
+
+# ------------------------------------------------------------------ blur: effective std against the sampled sigma
+# The source recipes blur with PIL's GaussianBlur(radius=sigma) (MoCo-v2 `loader.GaussianBlur`, SCE CIFAR
+# `RandomPILGaussianBlur`), whose std is sigma at any image size. An impulse image through each backend's blur
+# gives the blur's own kernel; its spatial std must match the sampled sigma. Below ~0.5 px a Gaussian sampled on
+# the pixel grid is narrower than sigma whatever the window (sigma 0.3: taps 0.004/0.992/0.004, std 0.09), so
+# the check covers the draws with sigma >= 0.5 (about three quarters of U(0.1, 2)).
+BLUR_SIGMA_MIN_MEASURABLE = 0.5
+BLUR_TOL = 0.15
+
+
+def impulse(n: int, size: int) -> torch.Tensor:
+    """[n,3,S,S] float zeros with a single 1 at the centre pixel."""
+    x = torch.zeros(n, 3, size, size)
+    x[:, :, size // 2, size // 2] = 1.0
+    return x
+
+
+def effective_std(y: torch.Tensor) -> torch.Tensor:
+    """[n,C,S,S] blurred impulses -> [n] std (px) of channel 0's horizontal marginal (the blur is separable)."""
+    w = y[:, 0].double().sum(1)  # [n, S]: column marginal
+    w = w / w.sum(1, keepdim=True)
+    pos = torch.arange(w.shape[1], dtype=torch.float64)
+    mu = (w * pos).sum(1, keepdim=True)
+    return ((w * (pos - mu) ** 2).sum(1)).sqrt()
+
+
+def check_blur_std(std: torch.Tensor, sigma: torch.Tensor, what: str) -> None:
+    keep = sigma >= BLUR_SIGMA_MIN_MEASURABLE
+    assert int(keep.sum()) >= 8, "too few measurable draws"
+    rel = (std[keep] / sigma[keep].double() - 1).abs()
+    worst = int(rel.argmax())
+    assert float(rel.max()) <= BLUR_TOL, (f"{what}: effective std {float(std[keep][worst]):.3f} px for sampled "
+                                          f"sigma {float(sigma[keep][worst]):.3f} px")
+
+
+@pytest.mark.parametrize("size", [32, 224])
+def test_blur_effective_std_device_stage(size):
+    """torch / gpu_tensor / ffcv device stage (`device_stage`, the CPU path: per-sample axpy passes)."""
+    n = 48 if size == 32 else 24
+    spec = ViewSpec(**{**OFF, "size": size, "blur_p": 1.0})  # sigma ~ U(0.1, 2), the recipes' range
+    sigma = augment._draw(n, spec, gen(11))["sigma"]  # the draws device_stage makes from the same seed
+    y = device_stage(impulse(n, size), spec, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), gen(11))
+    check_blur_std(effective_std(y), sigma, f"device_stage cpu {size}px")
+
+
+@pytest.mark.parametrize("size", [32, 224])
+def test_blur_effective_std_batched_path(size):
+    """The batched blur of the GPU device stage (grouped convs over the blurred subset): on a CUDA device the
+    real device_stage, else the same taps through `_separable_blur` on the CPU."""
+    n = 48 if size == 32 else 24
+    spec = ViewSpec(**{**OFF, "size": size, "blur_p": 1.0})
+    sigma = augment._draw(n, spec, gen(12))["sigma"]
+    if torch.cuda.is_available():
+        y = device_stage(impulse(n, size).cuda(), spec, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), gen(12)).cpu()
+    else:
+        _, k = augment.gaussian_taps(sigma, blur_kernel_size(spec, size))
+        y = augment._separable_blur(impulse(n, size), k.float())
+    check_blur_std(effective_std(y), sigma, f"batched blur {size}px")
+
+
+@pytest.mark.parametrize("size", [32, 224])
+def test_blur_effective_std_dali(size):
+    """The DALI graph's blur (`dali_loader.blur_graph`, the node the loader builds), CPU pipeline; it returns
+    the sigma it sampled."""
+    pytest.importorskip("nvidia.dali")
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dmath
+
+    from fastcl.pipelines.dali_loader import blur_graph
+
+    n = 32
+    spec = ViewSpec(**{**OFF, "size": size, "blur_p": 1.0})
+    img = np.zeros((size, size, 3), np.float32)
+    img[size // 2, size // 2] = 1.0
+
+    @pipeline_def(enable_conditionals=True)
+    def graph():
+        x = fn.external_source(source=lambda: [img] * n, layout="HWC", dtype=types.FLOAT)
+        return blur_graph(x, spec, fn, types, dmath)
+
+    pipe = graph(batch_size=n, num_threads=1, device_id=None, seed=13)
+    pipe.build()
+    out, sig = pipe.run()
+    y = torch.from_numpy(np.stack([np.asarray(out[i]) for i in range(n)])).permute(0, 3, 1, 2)
+    sigma = torch.tensor([float(np.asarray(sig[i])) for i in range(n)])
+    check_blur_std(effective_std(y), sigma, f"dali cpu {size}px")
 
 
 def test_blur_cut_at_3_sigma():

@@ -19,7 +19,8 @@ def test_shipped_configs_load(path):
 def test_defaults_compose_and_override():
     cfg = load_config(os.path.join(REPO, "configs/exp/cifar10_mocov2.yaml"), ["optim.lr=0.1", "data.aug.views.1.size=24"])
     assert cfg.model.cifar_stem is True  # from configs/data/cifar10.yaml via defaults
-    assert cfg.method.tau == 0.2  # from configs/method/mocov2.yaml
+    assert cfg.method.tau == 0.1  # the MoCo CIFAR demo's, set by the exp over configs/method/mocov2.yaml's 0.2
+    assert load_config(os.path.join(REPO, "configs/exp/cifar10_ifnd.yaml")).method.tau == 0.1  # inherits the base's
     assert cfg.optim.lr == 0.1 and cfg.data.aug.views[1].size == 24 and cfg.data.aug.views[0].size == 32
     assert cfg.data.aug.views[0].blur_p == 0.0 and cfg.data.aug.views[0].gray_p == 0.2  # schema default filled in
 

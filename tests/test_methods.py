@@ -158,3 +158,34 @@ def test_ifnd_pseudo_label_precision_logged_only_once_clustered(tmp_path):
     assert recs and all("pseudo_label_precision_l0" not in r for r in recs if r["epoch"] == 0)
     last = [r["pseudo_label_precision_l0"] for r in recs if r["epoch"] == 2]  # clustered once acceptance > 0
     assert last and all(0.0 <= v <= 1.0 for v in last)
+
+
+def test_ifnd_hierarchy_wiring():
+    """method.ifnd.hierarchy: per_level replaces the pair's loss by the mean of the per-level losses (pair_loss),
+    union keeps the one union-masked loss."""
+    from fastcl.methods import build_method
+    from fastcl.methods.base import Pair, Sims
+    from fastcl.objectives import mean_soft_cross_entropy, one_hot_target, soft_cross_entropy
+    from fastcl.objectives.loss import Target
+    from fastcl.objectives.targets import ifnd_level_valids
+
+    base = ["method.name=ifnd", "method.ifnd.levels=[2,3]", "method.queue_size=8", "method.kernel=torch"]
+    g = torch.Generator().manual_seed(0)
+    student = torch.rand(4, 10, generator=g) * 2 - 1
+    pos = torch.arange(4)
+    col_ids = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, -1, -1])
+    valid = (col_ids >= 0).expand(4, -1).clone()
+    sims = Sims(student, None, pos, valid, torch.arange(4), col_ids)
+    labels = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 2, 2, 2, 2]])  # level 1 nested in level 0
+    losses = {}
+    for rule in ("per_level", "union"):
+        m = build_method(load_config(None, base + [f"method.ifnd.hierarchy={rule}", "model.proj_dim=4"]), 8)
+        m.miner.labels.copy_(labels)
+        target = m.assign(sims, {})
+        base_loss = soft_cross_entropy(student / m.tau, target.prob, target.valid)
+        losses[rule] = m.pair_loss(Pair(0, 2, 1, 0, sims, torch.zeros(10, 4), target, base_loss), [], {}, 0)
+    rows, cols = labels[:, :4], labels[:, col_ids.clamp(min=0)].masked_fill(col_ids < 0, -1)
+    want = mean_soft_cross_entropy(student / 0.2, [Target(one_hot_target(pos, 10).prob, v)
+                                                   for v in ifnd_level_valids(pos, rows, cols, valid)])
+    torch.testing.assert_close(losses["per_level"], want)
+    assert float(losses["union"]) < float(losses["per_level"])  # union = the coarse level: eliminates more

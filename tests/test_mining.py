@@ -176,6 +176,75 @@ def test_semantic_pairs_facts(backend):
     assert pair_precision(ids, lab) > 0.6                                  # chance is 1/6
 
 
+def post_relu_clusters(c=8, per=3, d=64, seed=0):
+    """c small classes of post-ReLU-like features: a large shared non-negative part plus a class part plus noise,
+    through a ReLU (every cosine >= 0, most > 0.5, as pooled backbone features). -> (x [c*per, d], labels)."""
+    g = torch.Generator().manual_seed(seed)
+    common = torch.rand(d, generator=g) + 1.0
+    centres = 1.2 * torch.randn(c, d, generator=g)
+    lab = torch.arange(c).repeat_interleave(per)
+    x = torch.relu(common + centres[lab] + 0.25 * torch.randn(c * per, d, generator=g))
+    return x, lab
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_sepp_threshold_filters_on_centred_features_not_on_post_relu_ones(backend):
+    """Issue 11 row 9: on post-ReLU features every cosine is >= 0 and a 0.5 threshold keeps nearly the plain
+    top-k (here k > class size, so most kept partners are of another class); centred, unrelated pairs fall to
+    ~0 or below and the same threshold keeps the same-class partners only."""
+    x, lab = post_relu_clusters()
+    xn = F.normalize(x, dim=1)
+    assert float((xn @ xn.T).min()) > 0.5                                  # every raw cosine clears 0.5
+    k, t = 5, 0.5                                                          # 2 same-class partners per image
+    raw_ids, _ = semantic_pairs(x, k, t, backend=backend)
+    assert bool((raw_ids >= 0).all())                                      # nothing filtered: a plain top-k
+    assert pair_precision(raw_ids, lab) < 0.5
+    ids, sims = semantic_pairs(x, k, t, backend=backend, center=True)
+    cen = knn_mod.center_features(x)
+    assert float((cen @ cen.T).min()) < 0                                  # signed after centring
+    assert pair_precision(ids, lab) == 1.0 and int((ids >= 0).sum()) >= len(x)  # the 2 true partners survive
+    assert torch.all(sims[ids >= 0] >= t)
+    miner = NeighbourMiner(len(x), k, t, backend=backend, features="centered")  # the miner centres too
+    assert torch.equal(miner.mine(x)[0], ids) and miner.features == "centered"
+
+
+def test_threshold_for_precision_calibration():
+    # 3 rows, 3 slots: sims and whether each partner shares the row's label (labels built to match)
+    labels = torch.tensor([0, 0, 1, 0, 1, 1, 2, 0])
+    ids = torch.tensor([[1, 3, 2], [0, 4, -1], [5, 7, 6]])
+    sims = torch.tensor([[0.9, 0.7, 0.4], [0.8, 0.3, -float("inf")], [0.6, 0.5, 0.2]])
+    # pairs by sim: .9 T, .8 T, .7 T, .6 T, .5 F, .4 F, .3 F, .2 F  -> precision 1 down to .6, then 4/5 ...
+    thr, prec, pairs = knn_mod.threshold_for_precision(ids, sims, labels, 1.0, rows=torch.arange(3))
+    assert (thr, prec, pairs) == (pytest.approx(0.6), 1.0, 4)
+    thr, prec, pairs = knn_mod.threshold_for_precision(ids, sims, labels, 0.6, rows=torch.arange(3))
+    assert thr == pytest.approx(0.4) and prec == pytest.approx(4 / 6) and pairs == 6   # 4/7 < 0.6 at 0.3
+    # only the labelled subset counts: row 2 alone has precision 1 at 0.6 and nothing else
+    thr, prec, pairs = knn_mod.threshold_for_precision(ids, sims, labels, 0.9, rows=torch.tensor([2]))
+    assert (thr, pairs) == (pytest.approx(0.6), 1)
+    no_match = torch.tensor([10, 11, 12, 3, 3, 3, 3, 3])                    # no pair shares a label
+    assert knn_mod.threshold_for_precision(ids, sims, no_match, 0.5)[0] == float("inf")
+    with pytest.raises(ValueError):
+        knn_mod.threshold_for_precision(ids, sims, labels, 0.0)
+
+
+def test_sepp_table_records_its_feature_space(tmp_path):
+    from fastcl.config import load_config
+    from fastcl.methods import build_method
+
+    x, _ = post_relu_clusters()
+    path = str(tmp_path / "t.npz")
+    miner = NeighbourMiner(len(x), 3, 0.5, backend="torch", features="backbone")
+    miner.mine(x)
+    miner.save(path)
+    cfg = load_config(None, ["method.name=sepp", f"method.sepp.table_path={path}", "method.sepp.mode=multi"])
+    assert cfg.method.sepp.features == "centered"                        # the default space
+    with pytest.raises(ValueError, match="mined on 'backbone' features"):
+        build_method(cfg, len(x))
+    cfg = load_config(None, ["method.name=sepp", f"method.sepp.table_path={path}", "method.sepp.mode=multi",
+                             "method.sepp.features=backbone"])
+    assert build_method(cfg, len(x)).miner.features == "backbone"
+
+
 @pytest.mark.skipif(not HAVE_FAISS, reason="faiss not installed")
 def test_semantic_pairs_ivf_and_pca_options():
     x, lab = planted(n=2000, d=32, c=10, kappa=3.0, seed=5)

@@ -154,6 +154,8 @@ def test_mlp_layouts():
     assert m[0].bias is not None and m[3].weight is None  # affine=False output BN
     y = m(torch.randn(8, 32))
     torch.testing.assert_close(y.mean(0), torch.zeros(16), atol=1e-5, rtol=0)
+    m = MLP(32, 64, 16, 2, last_bias=False)
+    assert m[0].bias is None and m[3].bias is None and kinds(m) == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
     m = MLP(32, 64, 16, 1)
     assert kinds(m) == ["Linear"] and (m[0].in_features, m[0].out_features) == (32, 16)
     with pytest.raises(ValueError):
@@ -184,6 +186,10 @@ def test_build_encoder_and_predictor():
     assert isinstance(pred, MLP) and [type(x).__name__ for x in pred] == ["Linear", "BatchNorm1d", "ReLU",
                                                                           "Linear"]
     assert pred[0].out_features == 24 and pred(z).shape == (4, 16)
+    # SCE's official predictor: no bias anywhere (last_bias: False), module positions (state-dict names) kept
+    assert pred[0].bias is None and pred[3].bias is None
+    assert sorted(pred.state_dict()) == ["0.weight", "1.bias", "1.num_batches_tracked", "1.running_mean",
+                                         "1.running_var", "1.weight", "3.weight"]
     assert isinstance(build_predictor(_model_cfg(pred_hidden=0)), nn.Identity)
     # MoCo-v2 default: 2 layers, no hidden BN when proj_bn is off.
     enc = build_encoder(_model_cfg(width=8, proj_hidden=32, proj_dim=8, proj_layers=2, proj_bn=False))
@@ -215,13 +221,35 @@ def test_ema_update_math():
     ema_update(t, s, 0.9)
     for n, p in t.named_parameters():
         torch.testing.assert_close(p, 0.9 * t0[n] + 0.1 * s.state_dict()[n])
+    # only parameters are averaged: the teacher's BN statistics stay its own (MoCo builder.py / SCE)
     for n, b in t.named_buffers():
-        assert torch.equal(b, s.state_dict()[n]), n
-    assert int(t[1].num_batches_tracked) == 1
+        assert torch.equal(b, t0[n]), n
+    assert int(t[1].num_batches_tracked) == 0 and not torch.equal(t[1].running_mean, s[1].running_mean)
     ema_update(t, s, 1.0)
     ema_update(t, s, 0.0)
-    for n, v in t.state_dict().items():
-        assert torch.equal(v, s.state_dict()[n]), n
+    for n, p in t.named_parameters():
+        assert torch.equal(p, s.state_dict()[n]), n
+
+
+def test_teacher_tracks_its_own_bn_statistics():
+    """The teacher's running statistics come from its own forward passes (train mode, as MoCo's key encoder),
+    never from the student's: feeding the two different batches leaves each with its own statistics."""
+    torch.manual_seed(0)
+    s = _small_net().train()
+    t = make_teacher(s).train()
+    xs, xt = torch.randn(16, 4), 3.0 + torch.randn(16, 4)
+    for _ in range(5):
+        s(xs)
+        with torch.no_grad():
+            t(xt)
+        ema_update(t, s, 0.99)
+    ref = copy.deepcopy(s).train()  # the teacher's statistics = a BN that saw only xt (its params ~ the student's)
+    ref[1].reset_running_stats()
+    with torch.no_grad():
+        for _ in range(5):
+            ref[1](ref[0](xt))
+    torch.testing.assert_close(t[1].running_mean, ref[1].running_mean, atol=1e-2, rtol=0)
+    assert (t[1].running_mean - s[1].running_mean).abs().max() > 0.1
 
 
 def test_ema_update_student_with_extra_params_and_missing_ones():

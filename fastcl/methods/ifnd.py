@@ -4,10 +4,18 @@ Every `ifnd.refresh_every` epochs rank 0 runs spherical faiss k-means at each cl
 over the SampleTable of EMA keys (`source=table`, no extra pass) or over a fresh embedding pass of the training
 images with the eval transform (`source=pass`), and broadcasts the result. Each epoch only the most confident
 fraction a(e) of each cluster keeps its pseudo-label (acceptance grows linearly after a warm-up: our choice,
-the paper's schedule was not retrievable). A candidate sharing an accepted label with the anchor at ANY level
-is a detected false negative: eliminated from the denominator (`mode=elim`, the paper's main results) or
-attracted as an extra positive (`mode=attr`). The positive is never masked. Works on either baseline
-(`method.base=mocov2`: queue candidates looked up by their stored ids; `simclr`: in-batch views).
+the paper's schedule was not retrievable). A candidate sharing an accepted label with the anchor is a detected
+false negative: eliminated from the denominator (`mode=elim`, the paper's main results) or attracted as an extra
+positive (`mode=attr`). The positive is never masked. How the levels combine (`ifnd.hierarchy`, the paper's
+rule was not retrievable):
+  per_level (default, our choice): one loss term per level, each with that level's false negatives only,
+             averaged (PCL's ProtoNCE averages its M clusterings the same way: objectives.targets.
+             ifnd_level_valids). The k-means levels {C, 2C, 4C} are nearly nested, so under `union` the coarsest
+             level decides alone and the finer ones add nothing; per_level keeps every granularity in the loss
+             and eliminates less aggressively where the coarse clusters are wrong.
+  union:     FN at ANY level, one term (objectives.targets.ifnd_valid): the rule of the earlier results.
+Works on either baseline for `union` (`method.base=mocov2`: queue candidates looked up by their stored ids;
+`simclr`: in-batch views); `per_level` needs the queue layout (the in-batch step has no extra-loss hook).
 """
 from __future__ import annotations
 
@@ -17,11 +25,11 @@ import torch
 
 from fastcl import dist
 from fastcl.memory import SampleTable
-from fastcl.methods.base import ContrastiveMethod, Layout, Sims
-from fastcl.methods.label_masks import label_target
+from fastcl.methods.base import ContrastiveMethod, Layout, Pair, Sims
+from fastcl.methods.label_masks import label_target, level_targets
 from fastcl.mining.miner import ClusterMiner
 from fastcl.mining.pseudo import acceptance_schedule
-from fastcl.objectives import Target
+from fastcl.objectives import Target, mean_soft_cross_entropy
 
 
 @dataclass
@@ -36,7 +44,7 @@ class IFNDConfig:
     accept_end: float = 1.0
     per_cluster: bool = True  # top-a fraction per cluster [U] (False: globally)
     confidence: str = "centroid"  # centroid: cos to own centroid | margin: nearest - second nearest [U]
-    hierarchy: str = "union"  # union: FN at ANY level (contract ifnd_valid) [U]
+    hierarchy: str = "per_level"  # per_level: mean over levels of each level's loss (PCL-style) | union: FN at ANY level [U]
     niter: int = 20
     nredo: int = 1
     init: str = "kmeans++"  # kmeans++ | random (PCL); random merges clusters at small k [our choice]
@@ -50,7 +58,7 @@ class IFNDConfig:
             ("mode", c.mode in ("elim", "attr"), f"{c.mode!r} not in elim|attr"),
             ("source", c.source in ("table", "pass"), f"{c.source!r} not in table|pass"),
             ("confidence", c.confidence in ("centroid", "margin"), f"{c.confidence!r} not in centroid|margin"),
-            ("hierarchy", c.hierarchy in ("union",), f"{c.hierarchy!r} not in union"),
+            ("hierarchy", c.hierarchy in ("per_level", "union"), f"{c.hierarchy!r} not in per_level|union"),
             ("init", c.init in ("kmeans++", "random"), f"{c.init!r} not in kmeans++|random"),
             ("accept_start", 0 <= c.accept_start <= c.accept_end <= 1,
              f"need 0 <= accept_start <= accept_end <= 1, got {c.accept_start}, {c.accept_end}"),
@@ -116,7 +124,16 @@ class IFND(ContrastiveMethod):
         return {"ifnd_rate": rate, "ifnd_accepted": accepted, "ifnd_mine_s": self.miner.last_seconds}
 
     def assign(self, sims: Sims, sc: dict) -> Target:
+        """The union target (also what the diagnostics read under per_level: a candidate eliminated at any level)."""
         return label_target(sims, self.miner.labels, self.c.mode, self.layout.kernel)
+
+    def pair_loss(self, pair: Pair, extras: list, sc: dict, step: int) -> torch.Tensor:
+        """per_level: the pair's loss is the mean over levels of each level's loss (PCL-style), not the union's."""
+        if self.c.hierarchy != "per_level" or self.miner.labels.shape[0] == 1:
+            return pair.loss  # one level: both rules are the same loss
+        sims = pair.sims
+        return mean_soft_cross_entropy(sims.student / self.tau,
+                                       level_targets(sims, self.miner.labels, self.c.mode, self.layout.kernel))
 
     @torch.no_grad()
     def diagnostics(self, sims: Sims, target: Target, labels: torch.Tensor) -> dict:

@@ -30,3 +30,10 @@ def label_target(sims: Sims, labels: Tensor, mode: str, backend: str = "auto") -
         return one_hot_target(sims.pos, sims.valid.shape[1], valid)
     prob = kernels.ifnd_attraction_target(sims.pos, rows, cols, sims.valid, backend=backend)
     return Target(prob, sims.valid)
+
+
+def level_targets(sims: Sims, labels: Tensor, mode: str, backend: str = "auto") -> list[Target]:
+    """IFND's per_level rule: one `label_target` per clustering level (labels [L, N] -> L Targets), i.e.
+    `objectives.targets.ifnd_level_valids` / `ifnd_level_attraction_targets` on the kernel backend."""
+    return [label_target(sims, labels[lv:lv + 1], mode, backend) for lv in range(labels.shape[0])]
+

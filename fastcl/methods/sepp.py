@@ -31,7 +31,12 @@ class SePPConfig:
     """method.sepp"""
     table_path: str = ""  # neighbour table written by `python -m fastcl.mining.sepp`
     k: int = 5  # neighbours kept per image (at most)
-    threshold: float = 0.5  # minimum cosine [U]
+    # Minimum cosine [U], in the table's feature space. Default space `centered` (backbone features minus their
+    # mean): an unrelated pair is ~0 there, so 0.5 keeps only pairs much closer than average; on the raw post-ReLU
+    # features every cosine is >= 0 and 0.5 filtered little. Or calibrate it on a labelled subset:
+    # `python -m fastcl.mining.sepp --target-precision P` (docs/METHODS.md, SePP).
+    threshold: float = 0.5
+    features: str = "centered"  # centered | backbone | projector: must match the table's (mining --features)
     rho: float = 0.5  # pair mode: probability that the key view comes from a semantic partner [U]
     mode: str = "pair"  # pair | multi
     mask_partners: bool = True  # known partners never act as negatives [U]
@@ -39,7 +44,10 @@ class SePPConfig:
     @staticmethod
     def checks(c) -> list[tuple[str, bool, str]]:
         return [("mode", c.mode in ("pair", "multi"), f"{c.mode!r} not in pair|multi"),
-                ("rho", 0 <= c.rho <= 1, f"must lie in [0, 1], got {c.rho}")]
+                ("rho", 0 <= c.rho <= 1, f"must lie in [0, 1], got {c.rho}"),
+                ("features", c.features in ("centered", "backbone", "projector"),
+                 f"{c.features!r} not in centered|backbone|projector"),
+                ("threshold", -1 <= c.threshold <= 1, f"a cosine in [-1, 1], got {c.threshold}")]
 
 
 def partner_mask(partners: Tensor, col_ids: Tensor) -> Tensor:
@@ -69,6 +77,11 @@ class SePP(ContrastiveMethod):
         except (ValueError, KeyError) as e:
             raise ValueError(f"method.sepp.table_path={c.table_path}: {e} (the dataset has {num_samples} samples; "
                              f"mine the table over the same images)") from None
+        if self.miner.features and self.miner.features != c.features:  # a threshold means nothing in another space
+            raise ValueError(f"method.sepp.table_path={c.table_path} was mined on {self.miner.features!r} features "
+                             f"but method.sepp.features={c.features!r} (method.sepp.threshold={c.threshold} is a "
+                             f"cosine in that space): re-mine with --features {c.features} or set "
+                             f"method.sepp.features={self.miner.features}")
         if self.miner.nbr_ids.shape[0] != num_samples:
             raise ValueError(f"method.sepp.table_path={c.table_path}: table has {self.miner.nbr_ids.shape[0]} rows "
                              f"but the dataset has {num_samples} samples")

@@ -54,7 +54,8 @@ def knn_search(queries: Tensor, bank: Tensor, k: int, backend: str = "auto", exc
 
 
 def semantic_pairs(emb: Tensor, k: int, threshold: float, backend: str = "auto", batch: int = 16384,
-                   ivf_nlist: int = 0, nprobe: int = 16, pca_dim: int = 0, seed: int = 0) -> tuple[Tensor, Tensor]:
+                   ivf_nlist: int = 0, nprobe: int = 16, pca_dim: int = 0, seed: int = 0,
+                   center: bool = False) -> tuple[Tensor, Tensor]:
     """SePP's semantic positive pairs of emb [N, D] -> (nbr_ids [N, k] int64, nbr_sims [N, k] float32).
 
     Row i holds the at most k other images with the largest cosine to image i that reach `threshold`, sorted by
@@ -64,8 +65,14 @@ def semantic_pairs(emb: Tensor, k: int, threshold: float, backend: str = "auto",
     pca_dim > 0: project onto the top pca_dim principal components first (faiss.PCAMatrix on faiss backends,
     a torch eigen-decomposition otherwise; both centre the data) and re-normalise, so the threshold then applies
     to cosines in the reduced space: the 2048-d -> 256-d option METHODS.md §4.3 suggests for ImageNet.
+    center: subtract the mean of the L2-normalised features and re-normalise before the search, so the cosine is
+    that of the deviations from the average image: ~0 for unrelated images and negative for opposite ones. On
+    pooled post-ReLU backbone features every cosine is >= 0 (typically 0.3-0.9), so a threshold there filters
+    little (`center_features`). PCA centres anyway.
     """
     x = F.normalize(emb.detach().float(), dim=1)
+    if center:
+        x = center_features(x)
     if pca_dim > 0:
         x = F.normalize(pca_reduce(x, pca_dim, backend=backend, seed=seed), dim=1)
     n = x.shape[0]
@@ -74,6 +81,47 @@ def semantic_pairs(emb: Tensor, k: int, threshold: float, backend: str = "auto",
                            nprobe=nprobe, seed=seed)
     keep = (sims >= threshold) & (ids >= 0) & (ids != self_ids[:, None])
     return ids.masked_fill(~keep, -1), sims.masked_fill(~keep, -float("inf"))
+
+
+def center_features(x: Tensor) -> Tensor:
+    """L2-normalised rows of x [N, D] minus their mean, re-normalised -> [N, D] float32 (cosines can be < 0)."""
+    x = F.normalize(x.detach().float(), dim=1)
+    return F.normalize(x - x.mean(0, keepdim=True), dim=1)
+
+
+def threshold_for_precision(nbr_ids: Tensor, nbr_sims: Tensor, labels: Tensor, target: float,
+                            rows: Tensor | None = None) -> tuple[float, float, int]:
+    """Calibrate SePP's threshold from the partner-precision diagnostic on a labelled subset.
+
+    nbr_ids, nbr_sims [N, k] (a table mined with a low threshold, -1 / -inf = empty), labels [N] (-1 = unknown),
+    target in (0, 1], rows: the ids of the labelled subset (default: every row whose label and partners' labels
+    are known) -> (threshold, precision, pairs): the lowest cosine t such that the subset's pairs with
+    sim >= t have a same-class share (`pair_precision`) >= target, that share, and how many subset pairs reach
+    t. None reaching the target: (inf, nan, 0), i.e. no partner. Labels are read here only, to choose one number
+    before training; the training loss never sees them.
+    """
+    if not 0 < target <= 1:
+        raise ValueError(f"target precision must lie in (0, 1], got {target}")
+    labels = labels.to(nbr_ids.device).long()
+    rows = torch.arange(nbr_ids.shape[0], device=nbr_ids.device) if rows is None else rows.to(nbr_ids.device)
+    ids, sims, own = nbr_ids[rows], nbr_sims[rows], labels[rows]
+    other = labels[ids.clamp_min(0)]
+    ok = (ids >= 0) & (own[:, None] >= 0) & (other >= 0)
+    s = sims[ok].double()
+    same = (other == own[:, None])[ok].double()
+    if s.numel() == 0:
+        return float("inf"), float("nan"), 0
+    order = torch.argsort(s, descending=True)
+    s, same = s[order], same[order]
+    prec = same.cumsum(0) / torch.arange(1, s.numel() + 1, dtype=torch.float64, device=s.device)
+    # a threshold keeps every pair with sim >= t: only the last position of a run of equal sims is a cut
+    cut = torch.ones_like(s, dtype=torch.bool)
+    cut[:-1] = s[1:] < s[:-1]
+    good = torch.nonzero((prec >= target) & cut).flatten()
+    if good.numel() == 0:
+        return float("inf"), float("nan"), 0
+    j = int(good[-1])
+    return float(s[j]), float(prec[j]), j + 1
 
 
 def pair_precision(nbr_ids: Tensor, labels: Tensor) -> float:

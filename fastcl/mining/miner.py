@@ -164,16 +164,19 @@ class NeighbourMiner:
     nbr_sims [N, k] float32 (-inf in empty slots), mined (bool), last_seconds (wall time of the last mine on
     this rank). Search options (backend, batch, ivf_nlist, nprobe, pca_dim, seed): see knn.semantic_pairs.
     The table is mined once before training from a frozen encoder, so save()/load() keep it next to the data.
+    features: the space the cosines live in, recorded in the table ("centered": the search centres the
+    features first, `knn.center_features`; "backbone" / "projector": as given; "": not recorded).
     """
 
     def __init__(self, num_samples: int, k: int, threshold: float, backend: str = "auto", batch: int = 16384,
                  ivf_nlist: int = 0, nprobe: int = 16, pca_dim: int = 0, seed: int = 0,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", features: str = ""):
         if k < 1:
             raise ValueError("k must be >= 1")
         self.num_samples, self.k, self.threshold = int(num_samples), int(k), float(threshold)
+        self.features = str(features)
         self.search_kw = dict(backend=backend, batch=batch, ivf_nlist=ivf_nlist, nprobe=nprobe, pca_dim=pca_dim,
-                              seed=seed)
+                              seed=seed, center=self.features == "centered")
         self.nbr_ids = torch.full((self.num_samples, self.k), -1, dtype=torch.long, device=device)
         self.nbr_sims = torch.full((self.num_samples, self.k), -float("inf"), dtype=torch.float32, device=device)
         self.mined, self.last_seconds = False, 0.0
@@ -208,13 +211,14 @@ class NeighbourMiner:
         return self
 
     def save(self, path: str) -> None:
-        """Write the table to an .npz (nbr_ids int64, nbr_sims float32, k, threshold, num_samples)."""
+        """Write the table to an .npz (nbr_ids int64, nbr_sims float32, k, threshold, num_samples, features)."""
         np.savez(path, nbr_ids=self.nbr_ids.cpu().numpy(), nbr_sims=self.nbr_sims.cpu().numpy(),
-                 k=self.k, threshold=self.threshold, num_samples=self.num_samples)
+                 k=self.k, threshold=self.threshold, num_samples=self.num_samples, features=self.features)
 
     def load(self, path: str) -> None:
         """Read a table written by save(); every rank reads the file itself (no communication)."""
         with np.load(path) as f:
+            self.features = str(f["features"]) if "features" in f.files else ""
             self._set(int(f["num_samples"]), int(f["k"]), torch.from_numpy(f["nbr_ids"]),
                       torch.from_numpy(f["nbr_sims"]))
 

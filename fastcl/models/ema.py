@@ -2,6 +2,12 @@
 
     teacher = make_teacher(student)              # once, before wrapping in DDP / compile is fine too
     ema_update(teacher, student, m)              # every step, after optimizer.step()
+
+Only parameters are averaged. Buffers (BN running statistics) are the teacher's own: it runs its forward
+passes in train mode, so its BN layers track the statistics of the keys it encodes, as MoCo's key encoder
+(facebookresearch/moco `moco/builder.py` `_momentum_update_key_encoder` loops over `parameters()` only) and
+SCE's momentum branch do. Evaluating the teacher (kNN monitor, IFND `source=pass`, SePP mining,
+`--which teacher`) therefore uses statistics of the teacher's own activations, not the student's.
 """
 from __future__ import annotations
 
@@ -46,10 +52,12 @@ def _pairs(teacher, student, what: str):
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """In place: teacher params <- m * teacher + (1 - m) * student; buffers (BN stats) <- student's.
+    """In place: teacher params <- m * teacher + (1 - m) * student. Buffers (BN running statistics) are NOT
+    touched: the teacher keeps its own (module docstring).
 
     Matching is by parameter name after unwrapping DDP/compile, so a DDP-wrapped student works and a
-    student with extra parameters (predictor) is fine. m = 1 leaves the teacher as is; m = 0 copies.
+    student with extra parameters (predictor) is fine. m = 1 leaves the teacher as is; m = 0 copies the
+    parameters.
     """
     teacher, student = unwrap(teacher), unwrap(student)
     t_p, s_p = _pairs(teacher.named_parameters(), student.named_parameters(), "parameter")
@@ -58,6 +66,3 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
         # lerp (t += (1-m)(s-t)) moves 3 tensors' worth of memory; mul_ then add_ would move 5. It is
         # exact at the ends: weight 0 keeps t, weight 1 gives s.
         torch._foreach_lerp_(t_p, s_p, 1.0 - momentum)
-    t_b, s_b = _pairs(teacher.named_buffers(), student.named_buffers(), "buffer")
-    if t_b:
-        torch._foreach_copy_(t_b, s_b)

@@ -43,6 +43,16 @@ def soft_cross_entropy(logits: Tensor, target: Tensor, valid: Tensor | None = No
     return -(target.float() * logp).sum(dim=1).mean()
 
 
+def mean_soft_cross_entropy(logits: Tensor, targets) -> Tensor:
+    """mean_m soft_cross_entropy(logits, T_m.prob, T_m.valid) over M label assignments of the same logits
+    (IFND's per-level rule; PCL's ProtoNCE averages its M clusterings the same way). logits [B, C]; targets: a
+    non-empty sequence of Target over [B, C]. -> scalar fp32."""
+    targets = list(targets)
+    if not targets:
+        raise ValueError("mean_soft_cross_entropy needs at least one target")
+    return torch.stack([soft_cross_entropy(logits, t.prob, t.valid) for t in targets]).mean()
+
+
 def one_hot_target(pos: Tensor, num_cols: int, valid: Tensor | None = None) -> Target:
     """Plain InfoNCE target: e_pos for every row. pos: [B] int64 -> Target([B, C], valid)."""
     prob = torch.zeros(pos.shape[0], num_cols, device=pos.device)
