@@ -2,7 +2,7 @@
 
 Each subcommand lives in fastcl/benchmarks/<name>.py with `main(argv) -> dict`; results are written by
 fastcl.benchmarks.common.write_evidence under docs/benchmarks/ (commit, resolved config, hardware,
-timing method, repeats), as PERFORMANCE.md asks.
+timing method, repeats); docs/BENCHMARKS.md reads them.
 """
 from __future__ import annotations
 

@@ -77,7 +77,7 @@ def test_choose_engine():
     assert choose_engine("auto") == ("faiss-gpu" if faiss_num_gpus() else "faiss-cpu" if HAVE_FAISS else "torch")
     with pytest.raises(ValueError):
         choose_engine("cuda")
-    if faiss_num_gpus() == 0:   # the silent-CPU trap of ENV.md must be a loud error here
+    if faiss_num_gpus() == 0:   # the silent-CPU trap (fastcl/mining/engine.py) must be a loud error here
         with pytest.raises(ValueError):
             choose_engine("faiss-gpu")
 

@@ -1,4 +1,4 @@
-"""Label-assignment quality against ground truth, logged during training (EXPECTATIONS.md §5 (b) 1).
+"""Label-assignment quality against ground truth, logged during training.
 
 These functions READ TRUE LABELS; they only look at the step's similarity layout and target after the fact
 and never feed back into training (tests/test_methods.py: permuting the labels leaves training bit-identical).

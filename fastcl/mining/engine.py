@@ -1,7 +1,7 @@
 """Which engine a miner uses: faiss on GPU, faiss on CPU, or plain torch.
 
 DESIGN.md "State contract": miners run on rank 0 with faiss GPU if `faiss.get_num_gpus() > 0`, else faiss CPU,
-else torch. The GPU check is explicit because faiss fails *silently* without GPUs (ENV.md):
+else torch. The GPU check is explicit because faiss fails *silently* without GPUs (seen with faiss 1.x):
 `index_cpu_to_all_gpus` returns an empty index and `Kmeans(gpu=True)` quietly runs on CPU. So nothing here ever
 asks faiss to "use all GPUs"; GPU indexes are built one by one on the current CUDA device with a shared
 `StandardGpuResources`.
