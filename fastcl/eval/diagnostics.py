@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from fastcl.methods.base import Sims
-from fastcl.methods.label_masks import lookup
+from fastcl.methods.ifnd import lookup
 from fastcl.objectives import Target
 
 

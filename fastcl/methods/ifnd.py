@@ -14,22 +14,50 @@ rule was not retrievable):
              level decides alone and the finer ones add nothing; per_level keeps every granularity in the loss
              and eliminates less aggressively where the coarse clusters are wrong.
   union:     FN at ANY level, one term (objectives.targets.ifnd_valid): the rule of the earlier results.
-Works on either baseline for `union` (`method.base=mocov2`: queue candidates looked up by their stored ids;
-`simclr`: in-batch views); `per_level` needs the queue layout (the in-batch step has no extra-loss hook).
+Works on either baseline (`method.base=mocov2`: queue candidates looked up by their stored ids; `simclr`: in-batch
+views), both rules (per_level through `pair_loss`, which the step calls in both layouts).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
-from fastcl import dist
+from fastcl import dist, kernels
 from fastcl.memory import SampleTable
 from fastcl.methods.base import ContrastiveMethod, Layout, Pair, Sims
-from fastcl.methods.label_masks import label_target, level_targets
+from fastcl.mining.kmeans import acceptance_schedule
 from fastcl.mining.miner import ClusterMiner
-from fastcl.mining.pseudo import acceptance_schedule
-from fastcl.objectives import Target, mean_soft_cross_entropy
+from fastcl.objectives import Target, mean_soft_cross_entropy, one_hot_target
+
+
+# Label-driven assignment, shared with the oracle (true labels). Labels are per dataset sample ([L, N], -1 = no
+# label); rows and columns are looked up through their global ids, so queue entries get the CURRENT labels even when
+# they were enqueued before a re-clustering.
+def lookup(labels: Tensor, ids: Tensor) -> Tensor:
+    """labels [L, N], ids [n] (-1 = empty slot) -> [L, n] with -1 where ids < 0."""
+    out = labels[:, ids.clamp(min=0)]
+    return torch.where(ids[None] >= 0, out, torch.full_like(out, -1))
+
+
+def label_target(sims: Sims, labels: Tensor, mode: str, backend: str = "auto") -> Target:
+    """elim: same-label columns leave the denominator (one-hot target); attr: they become uniform positives.
+
+    The positive is never masked (ifnd_valid guarantees it), so no row can lose every candidate.
+    """
+    rows, cols = lookup(labels, sims.row_ids), lookup(labels, sims.col_ids)
+    if mode == "elim":
+        valid = kernels.ifnd_valid(sims.pos, rows, cols, sims.valid, backend=backend)
+        return one_hot_target(sims.pos, sims.valid.shape[1], valid)
+    prob = kernels.ifnd_attraction_target(sims.pos, rows, cols, sims.valid, backend=backend)
+    return Target(prob, sims.valid)
+
+
+def level_targets(sims: Sims, labels: Tensor, mode: str, backend: str = "auto") -> list[Target]:
+    """IFND's per_level rule: one `label_target` per clustering level (labels [L, N] -> L Targets), i.e.
+    `objectives.targets.ifnd_level_valids` / `ifnd_level_attraction_targets` on the kernel backend."""
+    return [label_target(sims, labels[lv:lv + 1], mode, backend) for lv in range(labels.shape[0])]
 
 
 @dataclass

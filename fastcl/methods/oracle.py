@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from fastcl.methods.base import ContrastiveMethod, Layout, Sims
-from fastcl.methods.label_masks import label_target
+from fastcl.methods.ifnd import label_target
 from fastcl.objectives import Target
 
 

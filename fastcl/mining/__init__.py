@@ -7,7 +7,7 @@ from fastcl.mining.kmeans import KMeansResult, spherical_kmeans
 from fastcl.mining.knn import (center_features, knn_search, pair_precision, pca_reduce, semantic_pairs,
                                threshold_for_precision)
 from fastcl.mining.miner import ClusterMiner, NeighbourMiner
-from fastcl.mining.pseudo import accept, acceptance_schedule, confidence
+from fastcl.mining.kmeans import accept, acceptance_schedule, confidence
 
 __all__ = ["choose_engine", "gpu_resources", "KMeansResult", "spherical_kmeans", "knn_search", "semantic_pairs",
            "pair_precision", "center_features", "threshold_for_precision", "pca_reduce", "ClusterMiner",

@@ -19,7 +19,7 @@ from torch import Tensor
 from fastcl.dist import broadcast, broadcast_object, is_dist, rank
 from fastcl.mining.kmeans import spherical_kmeans
 from fastcl.mining.knn import semantic_pairs
-from fastcl.mining.pseudo import CONFIDENCES, accept, confidence
+from fastcl.mining.kmeans import CONFIDENCES, accept, confidence
 
 
 def _broadcast_(t: Tensor) -> Tensor:
