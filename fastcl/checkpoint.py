@@ -232,7 +232,8 @@ class RunCheckpoint:
 
     def file(self, name: str) -> str:
         if name not in self.files:
-            raise ValueError(f"{self.path} has no {name} (method {self.meta.get('method', '?')!r} trains without one)")
+            what = "EMA teacher" if name == "teacher" else name
+            raise ValueError(f"{self.path} has no {what} (method {self.meta.get('method', '?')!r} trains without one)")
         return os.path.join(self.path, self.files[name])
 
     def encoder(self, which: str = "student"):

@@ -72,5 +72,5 @@ def test_simclr_run_has_no_teacher(tmp_path):
                              "trainer.max_steps=1"]))
     r = open_run(str(run))
     assert not r.has("teacher")
-    with pytest.raises(ValueError, match="has no teacher"):
+    with pytest.raises(ValueError, match="has no EMA teacher"):
         r.encoder("teacher")
