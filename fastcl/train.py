@@ -57,19 +57,13 @@ def make_accelerator(cfg):
     use_cpu = cfg.trainer.cpu or not torch.cuda.is_available()
     proj = ProjectConfiguration(project_dir=cfg.trainer.run_dir, logging_dir=os.path.join(cfg.trainer.run_dir, "tb"))
     # Mixed precision is applied explicitly in step.py (forward only; targets and CE stay fp32).
-    return Accelerator(cpu=use_cpu, log_with=tensorboard_tracker(), project_config=proj)
-
-
-def tensorboard_tracker() -> str | None:
-    """"tensorboard" when it is importable, else None with a warning: metrics.jsonl has every number anyway, and
-    a GPU node without TensorBoard installed should still train."""
-    import importlib.util
-    import warnings
-
-    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
-        return "tensorboard"
-    warnings.warn("TensorBoard is not installed: no tb/ event files (metrics.jsonl is written as always)")
-    return None
+    # trainer.trackers (fastcl/trackers.py): a missing wandb/mlflow fails here, before training, with the pip command
+    from fastcl.trackers import TrackerError, resolve
+    try:
+        log_with = resolve(cfg.trainer.trackers)
+    except TrackerError as e:
+        raise ConfigError(str(e)) from None
+    return Accelerator(cpu=use_cpu, log_with=log_with or None, project_config=proj)
 
 
 def resolve_precision(cfg, device: torch.device) -> str:
@@ -102,19 +96,20 @@ class KnnMonitor:
         if self.enabled:
             # bad-input fix (test_bad_input): every rank lists the folders (cheap) so that a bad path fails on all
             # ranks alike, with one line and before train() writes anything
-            from fastcl.pipelines.folder import scan_folder
+            from fastcl.pipelines.folder import cfg_classes, scan_folder
 
             for key in ("eval_path", "eval_train_path"):
                 try:
                     if cfg.data[key]:
-                        scan_folder(cfg.data[key])
+                        scan_folder(cfg.data[key], classes=cfg_classes(cfg))  # data.classes: every split
                 except (FileNotFoundError, ValueError) as e:
                     raise SetupError(f"data.{key}: {e}") from None
         if self.enabled and is_main:
             from fastcl.pipelines.eval_data import eval_tensors
             bank_path = cfg.data.eval_train_path or cfg.data.path
-            self.data = (eval_tensors(bank_path, cfg.data.aug, workers=cfg.data.workers),
-                         eval_tensors(cfg.data.eval_path, cfg.data.aug, workers=cfg.data.workers))
+            classes = cfg_classes(cfg)
+            self.data = (eval_tensors(bank_path, cfg.data.aug, workers=cfg.data.workers, classes=classes),
+                         eval_tensors(cfg.data.eval_path, cfg.data.aug, workers=cfg.data.workers, classes=classes))
 
     def __call__(self, backbone) -> dict:
         """{"knn_top1": %, "feature_rank": effective rank of the held-out features} (same on every rank)."""
@@ -338,7 +333,9 @@ def _train(cfg, stop: "StopRequest", lock: ckpt.RunDirLock) -> dict:
                              f"run directory, or processes of a multi-machine launch that did not join one process "
                              f"group: see docs/SCALING.md)")
         save_config(cfg, os.path.join(t.run_dir, "config.yaml"))
-    accelerator.init_trackers("fastcl", config=_flat(cfg))
+    from fastcl.trackers import init_kwargs as tracker_kwargs  # W&B / MLflow files under run_dir
+    accelerator.init_trackers("fastcl", config=_flat(cfg),
+                              init_kwargs=tracker_kwargs([str(x) for x in accelerator.log_with], t.run_dir))
     metrics_path = os.path.join(t.run_dir, "metrics.jsonl")
     result = {"knn_top1": None, "knn_init": None, "world_size": accelerator.num_processes}
 

@@ -36,9 +36,9 @@ def mine(checkpoint: str, data: str, out: str, k: int = 5, threshold: float = 0.
               "seconds": round(time.time() - t0, 2)}
     if labels_for_report:  # diagnostic only: the share of mined pairs that share the true class
         from fastcl.mining.knn import pair_precision
-        from fastcl.pipelines.folder import scan_folder
+        from fastcl.pipelines.folder import cfg_classes, scan_folder
         import torch
-        labels = torch.tensor(scan_folder(data).labels)
+        labels = torch.tensor(scan_folder(data, classes=cfg_classes(cfg)).labels)
         if bool((labels >= 0).all()):
             report["pair_precision"] = float(pair_precision(miner.nbr_ids, labels))
     return report
