@@ -63,6 +63,7 @@ class _Source:
     classes: list[str]
     paths: list[str] | None = None  # image files (folder kinds)
     images: object = None  # [N,H,W,3] uint8, indexable (array kinds: see sources.py)
+    extra: dict | None = None  # more manifest entries (CIFAR-100: the superclass of each class, diagnostics)
 
 
 # ---------------------------------------------------------------- sources
@@ -79,7 +80,11 @@ def _load_source(src: str, split: str, max_samples: int, classes: list[str] | No
             raise ConversionError(str(e)) from e
         if classes is not None:
             raise ConversionError(f"--classes applies to image folders, not to a {kind} directory")
-        return _Source(kind, arr.labels, list(arr.classes), images=arr.images)
+        extra = None
+        if arr.coarse_labels is not None:
+            extra = {"coarse_classes": arr.coarse_classes,
+                     "coarse_of_class": sources.coarse_of_fine(arr.labels, arr.coarse_labels, len(arr.classes))}
+        return _Source(kind, arr.labels, list(arr.classes), images=arr.images, extra=extra)
     try:
         idx = scan_folder(src, max_samples=max_samples, classes=classes)
     except (FileNotFoundError, ValueError) as e:  # empty folder, images mixed with class folders, unknown class
@@ -355,6 +360,7 @@ def convert(src: str, out: str, *, split: str = "train", max_resolution: int | N
         "duration_s": round(time.time() - t0, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    manifest.update(source.extra or {})
     _atomic_write_json(manifest_path, manifest)
     return manifest
 

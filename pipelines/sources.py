@@ -10,7 +10,8 @@ Formats:
 - CIFAR-100 python (`train`, `test`, `meta`): the same rows, `fine_labels` (0..99, the training label) and
   `coarse_labels` (0..19 superclasses); `meta` holds `fine_label_names` / `coarse_label_names`. The coarse labels
   are kept (`ArraySource.coarse_labels`, `coarse_classes`) for diagnostics; an export writes them to
-  `<out>/coarse_labels.json` (fine class name -> superclass name; every fine class has exactly one).
+  `<out>/coarse_labels.json` (superclass names + fine class name -> superclass name; every fine class has exactly
+  one), read back by `load_coarse_labels` as a superclass id per class.
 - STL-10 binary (`stl10_binary/`: `train_X.bin` + `train_y.bin` (5,000), `test_X.bin` + `test_y.bin` (8,000),
   `unlabeled_X.bin` (100,000), `class_names.txt`): each image 3*96*96 uint8 stored channel by channel in
   COLUMN-major order (the reference reader: reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1) -> HWC); labels are
@@ -271,6 +272,9 @@ def export_folder(src: str, split: str, out: str, workers: int = 0, max_samples:
     if os.path.exists(out) and os.listdir(out):
         raise SourceError(f"--out {out} exists and is not empty")
     os.makedirs(out, exist_ok=True)
+    if (s.labels >= 0).any():  # every class folder, even one with no image here: labels stay the class positions
+        for c in s.classes:
+            os.makedirs(os.path.join(out, c), exist_ok=True)
     width = max(5, len(str(len(s.labels))))
     pos = stl_positions(s) if s.kind == "stl10-binary" else [(0, i) for i in range(len(s.labels))]
     jobs = []
@@ -292,7 +296,8 @@ def export_folder(src: str, split: str, out: str, workers: int = 0, max_samples:
                "classes": s.classes if (s.labels >= 0).any() else []}
     if s.coarse_labels is not None:
         cof = coarse_of_fine(s.labels, s.coarse_labels, len(s.classes))
-        coarse = {s.classes[f]: s.coarse_classes[c] for f, c in enumerate(cof) if c >= 0}
+        coarse = {"coarse_classes": s.coarse_classes,
+                  "fine_to_coarse": {s.classes[f]: s.coarse_classes[c] for f, c in enumerate(cof) if c >= 0}}
         with open(os.path.join(out, "coarse_labels.json"), "w") as f:
             json.dump(coarse, f, indent=1)
         summary["coarse_classes"] = s.coarse_classes
@@ -302,18 +307,16 @@ def export_folder(src: str, split: str, out: str, workers: int = 0, max_samples:
 
 
 def load_coarse_labels(folder: str, classes: list[str]) -> list[int] | None:
-    """Superclass id (position in the sorted superclass names) of each fine class of `folder`'s scan, from the
-    `coarse_labels.json` an export wrote; None when the folder has none (not CIFAR-100)."""
+    """Superclass id (CIFAR-100's coarse label, 0..19) of each class of `folder`'s scan (`classes`), from the
+    `coarse_labels.json` an export wrote; -1 for a class that had no image in the exported split. None when the
+    folder has no such file (not CIFAR-100). Diagnostics only: training never reads it."""
     path = os.path.join(folder, "coarse_labels.json")
     if not os.path.isfile(path):
         return None
     with open(path) as f:
-        coarse = json.load(f)
-    names = sorted(set(coarse.values()))
-    missing = [c for c in classes if c not in coarse]
-    if missing:
-        raise SourceError(f"{path}: no superclass for class {missing[0]!r}")
-    return [names.index(coarse[c]) for c in classes]
+        d = json.load(f)
+    pos = {c: i for i, c in enumerate(d["coarse_classes"])}
+    return [pos[d["fine_to_coarse"][c]] if c in d["fine_to_coarse"] else -1 for c in classes]
 
 
 def main(argv: list[str] | None = None) -> int:
