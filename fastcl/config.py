@@ -171,6 +171,10 @@ class TrainerCfg:
     # experiment trackers, passed to accelerate's log_with (fastcl/trackers.py): tensorboard | wandb | mlflow;
     # each gets the scalars metrics.jsonl gets. [] = metrics.jsonl only
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    # online linear probe on detached backbone features of the labelled training batches, top-1 on data.eval_path
+    # logged with knn_top1 as probe_top1. READS LABELS (like method=oracle): off by default (eval/online_probe.py)
+    online_probe: bool = False
+    online_probe_lr: float = 0.1
 
 
 @dataclass

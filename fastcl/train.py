@@ -325,6 +325,14 @@ def _train(cfg, stop: "StopRequest", lock: ckpt.RunDirLock) -> dict:
     last_step = min(total, t.max_steps) if t.max_steps > 0 else total
     gbatch = cfg.optim.batch_size
     knn = KnnMonitor(cfg, is_main)  # bad-input fix: before anything is written (its folders may be bad)
+    # --- online linear probe (issue 14; READS LABELS like the oracle; off by default): fastcl/eval/online_probe.py
+    from fastcl.eval.online_probe import OnlineProbe
+    backbone = accelerator.unwrap_model(parts.student).encoder.backbone
+    try:
+        probe = OnlineProbe.build(cfg, loader, knn, backbone)
+    except ValueError as e:
+        raise SetupError(str(e)) from None
+    # --- end online probe
     stop.stop_file = os.path.join(t.run_dir, t.stop_file) if t.stop_file else ""
     if is_main:
         os.makedirs(t.run_dir, exist_ok=True)
@@ -352,6 +360,8 @@ def _train(cfg, stop: "StopRequest", lock: ckpt.RunDirLock) -> dict:
         if not knn.enabled:
             return
         rec = knn(accelerator.unwrap_model(parts.student).encoder.backbone)
+        if probe is not None:  # online probe (reads labels)
+            rec.update(probe.evaluate(backbone, knn))
         result["knn_top1"] = rec["knn_top1"]
         if result["knn_init"] is None:
             result["knn_init"] = rec["knn_top1"]
@@ -387,6 +397,8 @@ def _train(cfg, stop: "StopRequest", lock: ckpt.RunDirLock) -> dict:
             sc = {k: v[state.step] for k, v in sched.items()}
             set_lr_wd(parts.optimizer, float(sc["lr"]), float(sc["wd"]))
             logs = train_step(parts, batch, sc, state.step)
+            if probe is not None:  # online probe (reads labels): detached features, its own optimizer
+                probe.step(backbone, batch)
             health.update(logs, state.step)
             state.step += 1
             state.batches_done += 1
