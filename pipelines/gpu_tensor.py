@@ -15,7 +15,7 @@ import torch
 
 from fastcl.pipelines.augment import crop_resize, device_stage, flip, host_to_device, rrc_params
 from fastcl.pipelines.batch import Batch, register
-from fastcl.pipelines.folder import decode_uint8, image_size, resize_center_crop, cfg_classes, scan_folder, split_path
+from fastcl.pipelines.folder import cfg_classes, decode_uint8, image_size, resize_center_crop, scan_folder, split_path
 from fastcl.pipelines.torch_loader import ShardedLoader
 
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from fastcl.pipelines.augment import as_view_spec, device_stage, rrc_box, seed_for
 from fastcl.pipelines.augspec import ViewSpec
 from fastcl.pipelines.batch import Batch, register, shard_indices
-from fastcl.pipelines.folder import load_rgb, cfg_classes, scan_folder, split_path
+from fastcl.pipelines.folder import cfg_classes, load_rgb, scan_folder, split_path
 
 DEVICE_STREAM = 0xD5  # salt separating the device-stage seeds from the worker-side ones
 
