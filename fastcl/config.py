@@ -31,6 +31,9 @@ class DataCfg:
     path: str = ""  # training data: image folder (class sub-folders or flat) or .beton for ffcv
     eval_path: str = ""  # labelled held-out split (image folder) for the kNN monitor; "" = no monitor
     eval_train_path: str = ""  # labelled train split used as the kNN bank; "" = data.path
+    # class subset for every split, backend and eval path: a list of class folder names or a text file of them
+    # (one per line), ids 0..C-1 in SORTED name order; None = all (pipelines/folder.py, docs/DATA.md)
+    classes: Any = None
     num_samples: int = 512  # synthetic backend only
     num_classes: int = 10  # synthetic backend only (labels for diagnostics)
     max_samples: int = 0  # >0: use only the first max_samples images (in the documented id order)
@@ -125,6 +128,13 @@ class TrainerCfg:
     knn_every: int = 1  # epochs between kNN monitor evaluations (0 = off)
     knn_k: int = 200
     knn_t: float = 0.1
+    # experiment trackers, passed to accelerate's log_with (fastcl/trackers.py): tensorboard | wandb | mlflow;
+    # each gets the scalars metrics.jsonl gets. [] = metrics.jsonl only
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    # online linear probe on detached backbone features of the labelled training batches, top-1 on data.eval_path
+    # logged with knn_top1 as probe_top1. READS LABELS (like method=oracle): off by default (eval/online_probe.py)
+    online_probe: bool = False
+    online_probe_lr: float = 0.1
 
 
 @dataclass
@@ -304,6 +314,9 @@ def validate(cfg: DictConfig) -> None:
     _need(t.precision in ("auto", "fp32", "bf16"), "trainer.precision", f"{t.precision!r} not in auto|fp32|bf16")
     _need(t.knn_k > 0, "trainer.knn_k", f"must be > 0, got {t.knn_k}")  # bad-input fix: name the bad key
     _need(t.knn_t > 0, "trainer.knn_t", f"temperature must be > 0, got {t.knn_t}")
+    from fastcl.trackers import TRACKERS
+    _need(all(str(x).lower() in TRACKERS for x in t.trackers), "trainer.trackers",
+          f"{list(t.trackers)}: each must be one of {sorted(TRACKERS)}")
     _need(mo.width >= 4, "model.width", f"must be >= 4, got {mo.width}")
     _need(mo.proj_hidden > 0, "model.proj_hidden", f"must be > 0, got {mo.proj_hidden}")
     _need(mo.proj_dim > 0, "model.proj_dim", f"must be > 0, got {mo.proj_dim}")
@@ -325,6 +338,8 @@ def validate(cfg: DictConfig) -> None:
     _need(all(x > 0 for x in d.aug.std), "data.aug.std", f"must be > 0, got {list(d.aug.std)}")  # bad-input fix
     _need(d.aug.eval_size > 0, "data.aug.eval_size", f"must be > 0, got {d.aug.eval_size}")
     _need(d.backend == "synthetic" or bool(d.path), "data.path", f"backend {d.backend!r} needs data.path")
+    _need(d.classes is None or isinstance(d.classes, (str, ListConfig)), "data.classes",
+          f"a list of class folder names or the path of a class-list file, got {d.classes!r}")
     _need(d.num_samples > 0, "data.num_samples", f"must be > 0, got {d.num_samples}")
 
 

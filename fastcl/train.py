@@ -57,19 +57,13 @@ def make_accelerator(cfg):
     use_cpu = cfg.trainer.cpu or not torch.cuda.is_available()
     proj = ProjectConfiguration(project_dir=cfg.trainer.run_dir, logging_dir=os.path.join(cfg.trainer.run_dir, "tb"))
     # Mixed precision is applied explicitly in step.py (forward only; targets and CE stay fp32).
-    return Accelerator(cpu=use_cpu, log_with=tensorboard_tracker(), project_config=proj)
-
-
-def tensorboard_tracker() -> str | None:
-    """"tensorboard" when it is importable, else None with a warning: metrics.jsonl has every number anyway, and
-    a GPU node without TensorBoard installed should still train."""
-    import importlib.util
-    import warnings
-
-    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
-        return "tensorboard"
-    warnings.warn("TensorBoard is not installed: no tb/ event files (metrics.jsonl is written as always)")
-    return None
+    # trainer.trackers (fastcl/trackers.py): a missing wandb/mlflow fails here, before training, with the pip command
+    from fastcl.trackers import TrackerError, resolve
+    try:
+        log_with = resolve(cfg.trainer.trackers)
+    except TrackerError as e:
+        raise ConfigError(str(e)) from None
+    return Accelerator(cpu=use_cpu, log_with=log_with or None, project_config=proj)
 
 
 def resolve_precision(cfg, device: torch.device) -> str:
@@ -102,19 +96,20 @@ class KnnMonitor:
         if self.enabled:
             # bad-input fix (test_bad_input): every rank lists the folders (cheap) so that a bad path fails on all
             # ranks alike, with one line and before train() writes anything
-            from fastcl.pipelines.folder import scan_folder
+            from fastcl.pipelines.folder import cfg_classes, scan_folder
 
             for key in ("eval_path", "eval_train_path"):
                 try:
                     if cfg.data[key]:
-                        scan_folder(cfg.data[key])
+                        scan_folder(cfg.data[key], classes=cfg_classes(cfg))  # data.classes: every split
                 except (FileNotFoundError, ValueError) as e:
                     raise SetupError(f"data.{key}: {e}") from None
         if self.enabled and is_main:
             from fastcl.pipelines.eval_data import eval_tensors
             bank_path = cfg.data.eval_train_path or cfg.data.path
-            self.data = (eval_tensors(bank_path, cfg.data.aug, workers=cfg.data.workers),
-                         eval_tensors(cfg.data.eval_path, cfg.data.aug, workers=cfg.data.workers))
+            classes = cfg_classes(cfg)
+            self.data = (eval_tensors(bank_path, cfg.data.aug, workers=cfg.data.workers, classes=classes),
+                         eval_tensors(cfg.data.eval_path, cfg.data.aug, workers=cfg.data.workers, classes=classes))
 
     def __call__(self, backbone) -> dict:
         """{"knn_top1": %, "feature_rank": effective rank of the held-out features} (same on every rank)."""
@@ -351,6 +346,14 @@ def _train(cfg, stop: "StopRequest", lock: ckpt.RunDirLock) -> dict:
     last_step = min(total, t.max_steps) if t.max_steps > 0 else total
     gbatch = cfg.optim.batch_size
     knn = KnnMonitor(cfg, is_main)  # bad-input fix: before anything is written (its folders may be bad)
+    # --- online linear probe (issue 14; READS LABELS like the oracle; off by default): fastcl/eval/online_probe.py
+    from fastcl.eval.online_probe import OnlineProbe
+    backbone = accelerator.unwrap_model(parts.student).encoder.backbone
+    try:
+        probe = OnlineProbe.build(cfg, loader, knn, backbone)
+    except ValueError as e:
+        raise SetupError(str(e)) from None
+    # --- end online probe
     stop.stop_file = os.path.join(t.run_dir, t.stop_file) if t.stop_file else ""
     if is_main:
         os.makedirs(t.run_dir, exist_ok=True)
@@ -359,7 +362,9 @@ def _train(cfg, stop: "StopRequest", lock: ckpt.RunDirLock) -> dict:
                              f"run directory, or processes of a multi-machine launch that did not join one process "
                              f"group: see docs/SCALING.md)")
         save_config(cfg, os.path.join(t.run_dir, "config.yaml"))
-    accelerator.init_trackers("fastcl", config=_flat(cfg))
+    from fastcl.trackers import init_kwargs as tracker_kwargs  # W&B / MLflow files under run_dir
+    accelerator.init_trackers("fastcl", config=_flat(cfg),
+                              init_kwargs=tracker_kwargs([str(x) for x in accelerator.log_with], t.run_dir))
     metrics_path = os.path.join(t.run_dir, "metrics.jsonl")
     result = {"knn_top1": None, "knn_init": None, "world_size": accelerator.num_processes}
 
@@ -376,6 +381,8 @@ def _train(cfg, stop: "StopRequest", lock: ckpt.RunDirLock) -> dict:
         if not knn.enabled:
             return
         rec = knn(accelerator.unwrap_model(parts.student).encoder.backbone)
+        if probe is not None:  # online probe (reads labels)
+            rec.update(probe.evaluate(backbone, knn))
         result["knn_top1"] = rec["knn_top1"]
         if result["knn_init"] is None:
             result["knn_init"] = rec["knn_top1"]
@@ -411,6 +418,8 @@ def _train(cfg, stop: "StopRequest", lock: ckpt.RunDirLock) -> dict:
             sc = {k: v[state.step] for k, v in sched.items()}
             set_lr_wd(parts.optimizer, float(sc["lr"]), float(sc["wd"]))
             logs = train_step(parts, batch, sc, state.step)
+            if probe is not None:  # online probe (reads labels): detached features, its own optimizer
+                probe.step(backbone, batch)
             health.update(logs, state.step)
             state.step += 1
             state.batches_done += 1

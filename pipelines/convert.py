@@ -12,8 +12,18 @@ Fields (in this order):
   the ids the torch and dali backends give the same folder. The manifest lists every skipped file.
 
 Sources: an image folder with one sub-folder per class (ImageNet train layout, Imagenette, CIFAR-10 JPEGs),
-a flat folder of images (unlabelled), or a CIFAR-10 python batches directory (data_batch_1..5 / test_batch;
-`--split train|test` picks which).
+a flat folder of images (unlabelled), several folders joined with ':' (one id space, in the order given), or an
+array dataset (`pipelines/sources.py`): a CIFAR-10 python batches directory (data_batch_1..5 / test_batch), a
+CIFAR-100 python directory (train / test / meta; fine labels), or an STL-10 binary directory (train_X.bin /
+train_y.bin, test_*, unlabeled_X.bin; unlabelled images get label -1); `--split` picks train|test, and for
+STL-10 also unlabeled|train+unlabeled.
+
+    python pipelines/convert.py --src imagenet/train --classes configs/data/imagenet100_classes.txt --out in100.beton
+    python pipelines/convert.py --src stl10_binary --split train+unlabeled --out stl10_train_unl.beton --write-mode raw
+
+Class subsets: `--classes FILE` (one class folder name per line) keeps only those class folders, labelled 0..C-1
+in sorted name order: the ids and labels the folder backends give the same folder with `data.classes`. The
+manifest records the classes, and the ffcv backend refuses a .beton whose classes differ from `data.classes`.
 
 Safety: every image is opened and fully decoded up front in a process pool; unreadable files are skipped,
 counted, named on stderr and listed in the manifest (`--strict`: the first one fails the run, naming it, and
@@ -36,11 +46,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastcl.pipelines.folder import scan_folder
+from fastcl.pipelines import sources
+from fastcl.pipelines.folder import read_class_list, scan_folder
 
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")
-CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
-CIFAR_TEST_BATCHES = ("test_batch",)
 
 
 class ConversionError(RuntimeError):
@@ -49,63 +58,63 @@ class ConversionError(RuntimeError):
 
 @dataclass
 class _Source:
-    kind: str  # "folder" | "flat" | "cifar10-batches"
+    kind: str  # "folder" | "flat" | "cifar10-batches" | "cifar100-python" | "stl10-binary"
     labels: np.ndarray  # [N] int64, -1 = unlabelled
     classes: list[str]
     paths: list[str] | None = None  # image files (folder kinds)
-    images: np.ndarray | None = None  # [N,H,W,3] uint8 (cifar10-batches)
+    images: object = None  # [N,H,W,3] uint8, indexable (array kinds: see sources.py)
+    extra: dict | None = None  # more manifest entries (CIFAR-100: the superclass of each class, diagnostics)
 
 
 # ---------------------------------------------------------------- sources
 
-def _is_cifar_batches(src: str) -> bool:
-    return os.path.isdir(src) and any(os.path.isfile(os.path.join(src, b))
-                                      for b in CIFAR_TRAIN_BATCHES + CIFAR_TEST_BATCHES)
-
-
-def _load_cifar_batches(src: str, split: str, max_samples: int) -> _Source:
-    """CIFAR-10 python pickles -> images [N,32,32,3] uint8 in the original batch order."""
-    names = {"train": CIFAR_TRAIN_BATCHES, "test": CIFAR_TEST_BATCHES}.get(split)
-    if names is None:
-        raise ConversionError(f"--split must be train or test for a CIFAR-10 batches dir, got {split!r}")
-    images, labels = [], []
-    for name in names:
-        path = os.path.join(src, name)
-        if not os.path.isfile(path):
-            raise ConversionError(f"CIFAR-10 batches dir {src}: missing {name} (needed for split={split})")
-        try:
-            with open(path, "rb") as f:
-                d = pickle.load(f, encoding="bytes")
-            data = np.asarray(d[b"data"], dtype=np.uint8)
-            lab = np.asarray(d.get(b"labels", d.get(b"fine_labels")), dtype=np.int64)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad batch file
-            raise ConversionError(f"{path}: not a readable CIFAR-10 batch ({type(e).__name__}: {e})") from e
-        if data.ndim != 2 or data.shape[1] != 3072 or len(lab) != len(data):
-            raise ConversionError(f"{path}: expected data [N,3072] and N labels, got {data.shape} / {lab.shape}")
-        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # CHW planes -> HWC
-        labels.append(lab)
-    meta = os.path.join(src, "batches.meta")
-    classes = [str(i) for i in range(10)]
-    if os.path.isfile(meta):
-        with open(meta, "rb") as f:
-            classes = [c.decode() for c in pickle.load(f, encoding="bytes")[b"label_names"]]
-    imgs, labs = np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
-    if max_samples > 0:
-        imgs, labs = imgs[:max_samples], labs[:max_samples]
-    return _Source("cifar10-batches", labs, classes, images=imgs)
-
-
-def _load_source(src: str, split: str, max_samples: int) -> _Source:
-    if not os.path.isdir(src):
+def _load_source(src: str, split: str, max_samples: int, classes: list[str] | None = None) -> _Source:
+    roots = [r for r in src.split(os.pathsep) if r]
+    if not roots or not all(os.path.isdir(r) for r in roots):
         raise ConversionError(f"--src {src}: not a directory")
-    if _is_cifar_batches(src):
-        return _load_cifar_batches(src, split, max_samples)
+    kind = sources.detect(src) if len(roots) == 1 else None
+    if kind is not None:
+        try:
+            arr = sources.load(src, split, max_samples)
+        except sources.SourceError as e:
+            raise ConversionError(str(e)) from e
+        if classes is not None:
+            raise ConversionError(f"--classes applies to image folders, not to a {kind} directory")
+        extra = None
+        if arr.coarse_labels is not None:
+            extra = {"coarse_classes": arr.coarse_classes,
+                     "coarse_of_class": sources.coarse_of_fine(arr.labels, arr.coarse_labels, len(arr.classes))}
+        return _Source(kind, arr.labels, list(arr.classes), images=arr.images, extra=extra)
     try:
-        idx = scan_folder(src, max_samples=max_samples)
-    except (FileNotFoundError, ValueError) as e:  # empty folder, images mixed with class folders
+        idx = scan_folder(src, max_samples=max_samples, classes=classes)
+    except (FileNotFoundError, ValueError) as e:  # empty folder, images mixed with class folders, unknown class
         raise ConversionError(f"--src {src}: {e}") from e
     labels = np.asarray(idx.labels, dtype=np.int64)
     return _Source("flat" if not idx.classes else "folder", labels, list(idx.classes), paths=list(idx.paths))
+
+
+def check_beton_classes(beton: str, classes: list[str] | None) -> None:
+    """ffcv backend + `data.classes`: the .beton must have been converted with exactly that class subset
+    (`convert.py --classes FILE`), so that its ids and labels are the ones the folder backends give. Reads the
+    manifest `BETON.json`; ValueError naming the difference otherwise. No-op when classes is None."""
+    if classes is None:
+        return
+    man = beton + ".json"
+    if not os.path.isfile(man):
+        raise ValueError(f"data.classes is set but {man} (the manifest convert.py writes next to the .beton) is "
+                         f"missing, so the .beton's classes cannot be checked; re-create it with "
+                         f"`python pipelines/convert.py --src <train folder> --classes <class file> --out {beton}`")
+    with open(man) as f:
+        have = json.load(f).get("classes", [])
+    want = sorted(classes)
+    if have != want:
+        extra = [c for c in have if c not in set(want)]
+        lack = [c for c in want if c not in set(have)]
+        diff = (f"class {lack[0]!r} is not in it" if lack else f"it also holds class {extra[0]!r}" if extra
+                else "its class order differs")
+        raise ValueError(f"data.classes lists {len(want)} classes but {beton} holds {len(have)}: {diff}; convert "
+                         f"it with the same list: `python pipelines/convert.py --src <train folder> --classes "
+                         f"<class file> --out {beton}`")
 
 
 # ---------------------------------------------------------------- verification
@@ -232,12 +241,16 @@ def _atomic_write_json(path: str, payload: dict) -> None:
 def convert(src: str, out: str, *, split: str = "train", max_resolution: int | None = None,
             jpeg_quality: int = 90, compress_probability: float = 0.5, write_mode: str = "proportion",
             smart_threshold: int | None = None, workers: int = 0, overwrite: bool = False, strict: bool = False,
-            max_samples: int = 0, chunk_size: int = 100, progress: bool = True) -> dict:
+            max_samples: int = 0, chunk_size: int = 100, progress: bool = True,
+            classes: list[str] | str | None = None) -> dict:
     """Convert `src` into the .beton `out`; returns the manifest dict (also written to `out + '.json'`).
 
     write_mode: jpg (always JPEG at jpeg_quality) | raw (uint8 pixels) | smart (raw unless the raw image is
     larger than smart_threshold bytes; ffcv's rule) | proportion (JPEG with probability compress_probability).
     max_resolution: longest side after an INTER_AREA downscale (None/0: keep). workers: 0 = all cores.
+    classes: a class subset of an image folder (list, or a class-list file; `folder.read_class_list`): only
+    those class folders are written, labels 0..C-1 in sorted name order (= the folder backends' ids with the
+    same `data.classes`).
     """
     t0 = time.time()
     if write_mode not in WRITE_MODES:
@@ -262,7 +275,11 @@ def convert(src: str, out: str, *, split: str = "train", max_resolution: int | N
         raise ConversionError(f"--out {out}: directory {out_dir} does not exist")
     workers = workers if workers > 0 else (os.cpu_count() or 1)
 
-    source = _load_source(src, split, max_samples)
+    try:
+        class_list = read_class_list(classes)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConversionError(f"--classes: {e}") from e
+    source = _load_source(src, split, max_samples, class_list)
     skipped: list[dict] = []
     modes: dict[str, int] = {"RGB": len(source.labels)} if source.images is not None else {}
     max_pixels = int(np.prod(source.images.shape[1:3])) if source.images is not None else 0
@@ -316,13 +333,14 @@ def convert(src: str, out: str, *, split: str = "train", max_resolution: int | N
     manifest = {
         "format": "fastcl-beton-manifest/1",
         "out": out,
-        "source": {"path": os.path.abspath(src), "kind": source.kind,
-                   "split": split if source.kind == "cifar10-batches" else None},
+        "source": {"path": os.pathsep.join(os.path.abspath(r) for r in src.split(os.pathsep) if r),
+                   "kind": source.kind, "split": split if source.images is not None else None,
+                   "class_subset": class_list is not None},
         "fields": {
             "image": "RGBImageField (RGB uint8; grayscale/CMYK/palette/RGBA converted to RGB)",
             "label": "IntField: position in `classes`; -1 = unlabelled",
             "index": "IntField: global sample id 0..N-1 = row = position in scan_folder order after removing "
-                     "skipped files (pickle order for CIFAR-10 batches)",
+                     "skipped files (pickle order for CIFAR batches; (label, position) then unlabelled for STL-10)",
         },
         "num_samples": n,
         "num_scanned": n + len(skipped),
@@ -342,6 +360,7 @@ def convert(src: str, out: str, *, split: str = "train", max_resolution: int | N
         "duration_s": round(time.time() - t0, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    manifest.update(source.extra or {})
     _atomic_write_json(manifest_path, manifest)
     return manifest
 
@@ -349,9 +368,13 @@ def convert(src: str, out: str, *, split: str = "train", max_resolution: int | N
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--src", required=True, help="image folder (class sub-folders or flat) or CIFAR-10 batches dir")
+    p.add_argument("--src", required=True, help="image folder (class sub-folders or flat; several joined with ':' "
+                   "= one id space), CIFAR-10/CIFAR-100 python dir or STL-10 binary dir")
     p.add_argument("--out", required=True, help="output .beton path (manifest goes to OUT.json)")
-    p.add_argument("--split", default="train", choices=["train", "test"], help="CIFAR-10 batches dir only")
+    p.add_argument("--split", default="train", choices=["train", "test", "unlabeled", "train+unlabeled"],
+                   help="array sources only: train|test (CIFAR), train|test|unlabeled|train+unlabeled (STL-10)")
+    p.add_argument("--classes", default=None, help="class-list file (one class folder name per line): convert "
+                   "only those classes of an image folder (data.classes of the training config)")
     p.add_argument("--max-resolution", type=int, default=0, help="longest side after downscale; 0 = keep")
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--compress-probability", type=float, default=0.5, help="write-mode proportion only")
@@ -370,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                     jpeg_quality=a.jpeg_quality, compress_probability=a.compress_probability,
                     write_mode=a.write_mode, smart_threshold=a.smart_threshold, workers=a.workers,
                     overwrite=a.overwrite, strict=a.strict, max_samples=a.max_samples, chunk_size=a.chunk_size,
-                    progress=not a.no_progress)
+                    progress=not a.no_progress, classes=a.classes)
     except ConversionError as e:
         print(f"convert: error: {e}", file=sys.stderr)
         return 2

@@ -31,7 +31,7 @@ import torch
 from fastcl.pipelines.augment import as_view_spec, blur_kernel_size
 from fastcl.pipelines.augspec import ViewSpec
 from fastcl.pipelines.batch import Batch, register
-from fastcl.pipelines.folder import scan_folder, split_path
+from fastcl.pipelines.folder import cfg_classes, scan_folder, split_path
 from fastcl.pipelines.torch_loader import ShardedLoader
 
 DALI_STREAM = 0xDA  # salt of the per-epoch pipeline seed
@@ -120,10 +120,10 @@ class DALILoader(ShardedLoader):  # length, epochs, mid-epoch resume
 
     def __init__(self, path: str, views: list, mean, std, batch_size: int, rank: int = 0, world: int = 1,
                  device="cpu", seed: int = 0, workers: int = 2, shuffle: bool = True, drop_last: bool = True,
-                 max_samples: int = 0):
+                 max_samples: int = 0, classes: list[str] | None = None):
         import nvidia.dali  # noqa: F401 - fail at construction, not at the first epoch, when DALI is missing
 
-        index = scan_folder(path, max_samples)
+        index = scan_folder(path, max_samples, classes)  # classes: data.classes subset (folder.py)
         self.paths = index.paths
         self.classes = index.classes
         self._shard_setup(len(index), torch.tensor(index.labels, dtype=torch.int64), views, mean, std, batch_size,
@@ -193,4 +193,4 @@ def build(cfg, rank: int = 0, world: int = 1, device="cpu", split: str = "train"
     d = cfg.data
     return DALILoader(split_path(cfg, split), list(d.aug.views), d.aug.mean, d.aug.std,
                       cfg.optim.batch_size // world, rank, world, device, cfg.trainer.seed, d.workers,
-                      d.shuffle, d.drop_last, d.max_samples)
+                      d.shuffle, d.drop_last, d.max_samples, cfg_classes(cfg))

@@ -2,7 +2,7 @@
 
 Eval transform: resize the shorter side to round(eval_size / eval_resize_ratio) (bilinear, antialiased), center
 crop eval_size x eval_size, normalize with the AugSpec mean/std. Ids are the `scan_folder` positions, so they
-match the training loaders' ids when the same folder is used.
+match the training loaders' ids when the same folder (and the same `classes` subset, `data.classes`) is used.
 """
 from __future__ import annotations
 
@@ -28,25 +28,26 @@ def _finish(x_uint8: Tensor, aug) -> Tensor:
     return normalize(x_uint8.float().div_(255.0), aug.mean, aug.std)
 
 
-def eval_tensors(path: str, aug, max_samples: int = 0, workers: int = 2) -> tuple[Tensor, Tensor, Tensor]:
+def eval_tensors(path: str, aug, max_samples: int = 0, workers: int = 2,
+                 classes: list[str] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The whole folder through the eval transform, for small data (N*3*S*S*4 bytes).
 
     -> (images float [N,3,S,S] normalized, on the CPU; labels [N] int64 (-1 for a flat folder); ids [N] int64)
     """
-    index = scan_folder(path, max_samples)
+    index = scan_folder(path, max_samples, classes)
     size, tf = _eval_transform(aug)
     x = _finish(decode_uint8(index.paths, tf, (size, size), workers), aug)
     return x, torch.tensor(index.labels, dtype=torch.int64), torch.arange(len(index), dtype=torch.int64)
 
 
 def eval_batches(path: str, aug, batch_size: int, rank: int = 0, world: int = 1, workers: int = 2,
-                 max_samples: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+                 max_samples: int = 0, classes: list[str] | None = None) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """Stream this rank's contiguous shard (ids `arange(N).tensor_split(world)[rank]`) in order, for large data.
 
     Yields (x float [B,3,S,S] normalized on the CPU, labels [B] int64, ids [B] int64); decoding runs on a
     thread pool one batch ahead of the consumer.
     """
-    index = scan_folder(path, max_samples)
+    index = scan_folder(path, max_samples, classes)
     size, tf = _eval_transform(aug)
     ids = torch.arange(len(index), dtype=torch.int64).tensor_split(world)[rank]
     labels = torch.tensor(index.labels, dtype=torch.int64)

@@ -15,7 +15,7 @@ import torch
 
 from fastcl.pipelines.augment import crop_resize, device_stage, flip, host_to_device, rrc_params
 from fastcl.pipelines.batch import Batch, register
-from fastcl.pipelines.folder import decode_uint8, image_size, resize_center_crop, scan_folder, split_path
+from fastcl.pipelines.folder import cfg_classes, decode_uint8, image_size, resize_center_crop, scan_folder, split_path
 from fastcl.pipelines.torch_loader import ShardedLoader
 
 
@@ -34,8 +34,8 @@ class GPUTensorLoader(ShardedLoader):
 
     def __init__(self, path: str, views: list, mean, std, batch_size: int, rank: int = 0, world: int = 1,
                  device="cpu", seed: int = 0, workers: int = 2, shuffle: bool = True, drop_last: bool = True,
-                 max_samples: int = 0):
-        index = scan_folder(path, max_samples)
+                 max_samples: int = 0, classes: list[str] | None = None):
+        index = scan_folder(path, max_samples, classes)  # classes: data.classes subset (folder.py)
         self._shard_setup(len(index), torch.tensor(index.labels, dtype=torch.int64), views, mean, std, batch_size,
                           rank, world, device, seed, shuffle, drop_last)
         self.classes = index.classes
@@ -67,4 +67,4 @@ def build(cfg, rank: int = 0, world: int = 1, device="cpu", split: str = "train"
     d = cfg.data
     return GPUTensorLoader(split_path(cfg, split), list(d.aug.views), d.aug.mean, d.aug.std,
                            cfg.optim.batch_size // world, rank, world, device, cfg.trainer.seed, d.workers,
-                           d.shuffle, d.drop_last, d.max_samples)
+                           d.shuffle, d.drop_last, d.max_samples, cfg_classes(cfg))

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from fastcl.pipelines.augment import as_view_spec, device_stage, rrc_box, seed_for
 from fastcl.pipelines.augspec import ViewSpec
 from fastcl.pipelines.batch import Batch, register, shard_indices
-from fastcl.pipelines.folder import load_rgb, scan_folder, split_path
+from fastcl.pipelines.folder import cfg_classes, load_rgb, scan_folder, split_path
 
 DEVICE_STREAM = 0xD5  # salt separating the device-stage seeds from the worker-side ones
 
@@ -170,8 +170,8 @@ class TorchFolderLoader(ShardedLoader):
 
     def __init__(self, path: str, views: list, mean, std, batch_size: int, rank: int = 0, world: int = 1,
                  device="cpu", seed: int = 0, workers: int = 2, shuffle: bool = True, drop_last: bool = True,
-                 max_samples: int = 0):
-        index = scan_folder(path, max_samples)
+                 max_samples: int = 0, classes: list[str] | None = None):
+        index = scan_folder(path, max_samples, classes)  # classes: data.classes subset (folder.py)
         self._shard_setup(len(index), torch.tensor(index.labels, dtype=torch.int64), views, mean, std, batch_size,
                           rank, world, device, seed, shuffle, drop_last)
         self.classes = index.classes
@@ -201,4 +201,4 @@ def build(cfg, rank: int = 0, world: int = 1, device="cpu", split: str = "train"
     d = cfg.data
     return TorchFolderLoader(split_path(cfg, split), list(d.aug.views), d.aug.mean, d.aug.std,
                              cfg.optim.batch_size // world, rank, world, device, cfg.trainer.seed, d.workers,
-                             d.shuffle, d.drop_last, d.max_samples)
+                             d.shuffle, d.drop_last, d.max_samples, cfg_classes(cfg))

@@ -307,3 +307,31 @@ def test_tsne_map_of_real_images(run, cifar_folder, tmp_path):
     assert np.allclose(np.load(tmp_path / "map.npz")["xy"], first)
     with pytest.raises(ValueError, match="--perplexity must be in"):
         tsne.main(args + ["--perplexity", "500"])
+
+
+def test_semisup_subset_file_in_simclr_format(run, cifar_folder, tmp_path):
+    """--subset-file takes the user's lists as they are published for ImageNet (SimCLR 1 %/10 %: one bare file name
+    per line, names unique across classes); the labelled share is measured; an eval --classes subset applies."""
+    data = tmp_path / "train"  # CIFAR train with ImageNet-style unique names: <class>_<file>
+    for c in sorted(os.listdir(f"{cifar_folder}/train")):
+        (data / c).mkdir(parents=True)
+        for f in sorted(os.listdir(f"{cifar_folder}/train/{c}")):
+            os.symlink(f"{cifar_folder}/train/{c}/{f}", data / c / f"{c}_{f}")
+    picked = [f"{c}_{k:04d}.jpg" for c in ("cat", "dog", "ship") for k in (3, 7)]
+    (tmp_path / "2images.txt").write_text("\n".join(picked) + "\n")  # no header, no folders: SimCLR's format
+    out = tmp_path / "semi.json"
+    args = ["--checkpoint", run, "--data", str(data), "--val", f"{cifar_folder}/test", "--cache", "",
+            "--subset-file", str(tmp_path / "2images.txt"), "--epochs", "3", "--out", str(out)] + COMMON
+    assert semisup.main(args) == 0
+    r = json.loads(out.read_text())
+    (entry,) = r["results"]
+    assert entry["subset"] == "2images" and entry["n_labeled"] == 6 and entry["percent"] == pytest.approx(1.2)
+    assert set(r["top1"]) == {"2images"} and 0 <= r["top1"]["2images"] <= 100
+    # the same list with an eval class subset of 3 classes: 150 training images, so 4 %
+    (tmp_path / "cls.txt").write_text("ship\ncat\ndog\n")
+    assert semisup.main(args + ["--classes", str(tmp_path / "cls.txt")]) == 0
+    (entry,) = json.loads(out.read_text())["results"]
+    assert entry["n_labeled"] == 6 and entry["percent"] == pytest.approx(4.0)
+    (tmp_path / "missing.txt").write_text("cat_9999.jpg\n")
+    with pytest.raises(ValueError, match="not in the data folder"):
+        semisup.main(args[:-len(COMMON) - 2] + ["--subset-file", str(tmp_path / "missing.txt")] + COMMON)

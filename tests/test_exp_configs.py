@@ -53,7 +53,8 @@ def test_published_config_trains_on_real_images(path, cifar_folder, sepp_table, 
 
     monkeypatch.setattr(step_mod, "forward_group", counting)
     over = [f"data.path={os.path.join(cifar_folder, 'train')}", "data.backend=gpu_tensor", "data.eval_path=",
-            "data.workers=0", "optim.batch_size=16", "model.width=8", "trainer.max_steps=2", "trainer.knn_every=0", "trainer.log_every=1",
+            "data.workers=0", "data.classes=null", "optim.batch_size=16", "model.width=8", "trainer.max_steps=2",
+            "trainer.knn_every=0", "trainer.log_every=1",
             "trainer.progress=false", f"trainer.run_dir={tmp_path / 'run'}", f"method.sepp.table_path={sepp_table}"]
     if base.method.queue_size:
         over.append("method.queue_size=64")

@@ -38,11 +38,13 @@ def embed_dataset(net: nn.Module, cfg, loader=None, path: str | None = None, bat
             put(net(x), ids, n)
     else:
         from fastcl.pipelines.eval_data import eval_batches
-        from fastcl.pipelines.folder import scan_folder
+        from fastcl.pipelines.folder import cfg_classes, scan_folder
 
         root = path or cfg.data.path
-        n = len(scan_folder(root, cfg.data.max_samples).paths)
-        it = eval_batches(root, cfg.data.aug, batch_size, workers=cfg.data.workers, max_samples=cfg.data.max_samples)
+        classes = cfg_classes(cfg)  # data.classes: the training ids of a class subset
+        n = len(scan_folder(root, cfg.data.max_samples, classes).paths)
+        it = eval_batches(root, cfg.data.aug, batch_size, workers=cfg.data.workers, max_samples=cfg.data.max_samples,
+                          classes=classes)
         for x, _, ids in tqdm(it, total=-(-n // batch_size), disable=not progress, desc="embedding"):
             put(net(x.to(device)), ids, n)
     net.train(was_training)

@@ -130,13 +130,15 @@ def _newest_mtime_ns(folder: str) -> int:
                                                for n in os.listdir(folder)])
 
 
-def cache_key(ck: str, which: str, data_path: str, aug) -> str:
+def cache_key(ck: str, which: str, data_path: str, aug, classes: list[str] | None = None) -> str:
     """Hex digest naming a feature file: a rewritten checkpoint (new mtime), another folder, encoder or eval
     transform gives another key, so a stale file is never read."""
     root = os.path.abspath(data_path)
     parts = {"v": CACHE_VERSION, "ckpt": ck, "ckpt_mtime_ns": _newest_mtime_ns(ck), "which": which,
              "data": root, "data_mtime_ns": os.stat(root).st_mtime_ns, "eval_size": aug.eval_size,
              "ratio": aug.eval_resize_ratio, "mean": list(aug.mean), "std": list(aug.std)}
+    if classes is not None:  # a class subset (data.classes / --classes) is another feature set
+        parts["classes"] = sorted(classes)
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -146,18 +148,19 @@ def default_device() -> torch.device:
 
 @torch.no_grad()
 def extract_folder(backbone: nn.Module, root: str, aug, batch_size: int = 256, workers: int = 4,
-                   device: torch.device | None = None, progress: bool = True) -> FeatureSet:
+                   device: torch.device | None = None, progress: bool = True,
+                   classes: list[str] | None = None) -> FeatureSet:
     """Run `backbone` (eval mode, BN running statistics) over every image of `root` with the eval transform."""
     from tqdm import tqdm
 
     from fastcl.pipelines.eval_data import eval_batches
     from fastcl.pipelines.folder import scan_folder
 
-    index = scan_folder(root)
+    index = scan_folder(root, classes=classes)
     device = device or next(backbone.parameters()).device
     backbone = backbone.to(device).eval()
     feats: Tensor | None = None
-    it = eval_batches(root, aug, batch_size, workers=workers)
+    it = eval_batches(root, aug, batch_size, workers=workers, classes=classes)
     for x, _, ids in tqdm(it, total=-(-len(index) // batch_size), disable=not progress,
                           desc=f"features {os.path.basename(os.path.normpath(root))}", file=sys.stderr):
         f = backbone(x.to(device, non_blocking=True)).float().cpu()
@@ -171,10 +174,12 @@ def extract_folder(backbone: nn.Module, root: str, aug, batch_size: int = 256, w
 
 def cached_features(checkpoint: str, data_path: str, which: str = "student", cache_dir: str | None = None,
                     eval_size: int | None = None, batch_size: int = 256, workers: int = 4,
-                    device: torch.device | None = None, progress: bool = True) -> tuple[FeatureSet, bool]:
+                    device: torch.device | None = None, progress: bool = True,
+                    classes: list[str] | None = None) -> tuple[FeatureSet, bool]:
     """Features of `data_path` under the checkpoint's backbone, from the cache when present.
 
-    cache_dir: None -> <run_dir>/eval/features; "" -> no cache. Returns (features, cache_hit).
+    cache_dir: None -> <run_dir>/eval/features; "" -> no cache. classes: a class subset (None: every class
+    folder). Returns (features, cache_hit).
     """
     from fastcl.checkpoint import load_encoder
 
@@ -188,12 +193,13 @@ def cached_features(checkpoint: str, data_path: str, which: str = "student", cac
     if cache_dir != "":
         cache_dir = cache_dir or os.path.join(run_dir, "eval", "features")
         name = os.path.basename(os.path.normpath(data_path)) or "data"
-        path = os.path.join(cache_dir, f"{name}-{which}-{cache_key(ck, which, data_path, aug)[:20]}.pt")
+        path = os.path.join(cache_dir, f"{name}-{which}-{cache_key(ck, which, data_path, aug, classes)[:20]}.pt")
         if os.path.isfile(path):
             d = torch.load(path, map_location="cpu", weights_only=True)
             return FeatureSet(d["feats"], d["labels"], d["classes"], d["rel_paths"], d["root"]), True
     enc, _ = load_encoder(ck, which)
-    fs = extract_folder(enc.backbone, data_path, aug, batch_size, workers, device or default_device(), progress)
+    fs = extract_folder(enc.backbone, data_path, aug, batch_size, workers, device or default_device(), progress,
+                        classes)
     if path is not None:
         os.makedirs(cache_dir, exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
@@ -317,6 +323,9 @@ def add_common_args(ap: argparse.ArgumentParser, required: bool = True) -> None:
     add_checkpoint_args(ap, required)
     ap.add_argument("--data", required=True, help="labelled TRAIN image folder (class sub-folders)")
     ap.add_argument("--val", required=required, help="labelled VAL image folder (same class folder names)")
+    ap.add_argument("--classes", default=None,
+                    help="class-list file (one class folder name per line) restricting --data and --val; default: the "
+                         "run's data.classes; 'all' = every class folder")
     ap.add_argument("--cache", default=None,
                     help="feature cache folder (default <run>/eval/features; '' disables the cache)")
     ap.add_argument("--eval-size", type=int, default=None,
@@ -344,8 +353,24 @@ def check_common_args(args) -> None:
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     if getattr(args, "val", None):
-        train, val = scan_folder(args.data), scan_folder(args.val)
+        classes = eval_classes(args)
+        train, val = scan_folder(args.data, classes=classes), scan_folder(args.val, classes=classes)
         remap_labels(train.classes, val.classes, torch.tensor(val.labels, dtype=torch.int64), args.data, args.val)
+
+
+def eval_classes(args) -> list[str] | None:
+    """The class subset of an eval command: --classes FILE, 'all' (None), or by default the run's data.classes
+    (so a model pretrained on ImageNet-100 is evaluated on the same 100 classes, with the training ids)."""
+    from fastcl.pipelines.folder import cfg_classes, read_class_list
+
+    spec = getattr(args, "classes", None)
+    if spec == "all":
+        return None
+    if spec:
+        return read_class_list(spec)
+    if getattr(args, "checkpoint", None):
+        return cfg_classes(checkpoint_context(args.checkpoint)[2])
+    return None
 
 
 def load_pair(args) -> tuple[FeatureSet, FeatureSet, dict]:
@@ -353,7 +378,7 @@ def load_pair(args) -> tuple[FeatureSet, FeatureSet, dict]:
     check_common_args(args)
     kw = dict(which=args.which, cache_dir=args.cache, eval_size=args.eval_size, batch_size=args.extract_batch_size,
               workers=args.workers, device=torch.device(args.device) if args.device else None,
-              progress=not args.no_progress)
+              progress=not args.no_progress, classes=eval_classes(args))
     train, hit_t = cached_features(args.checkpoint, args.data, **kw)
     val, hit_v = cached_features(args.checkpoint, args.val, **kw)
     return train, val, {"train": hit_t, "val": hit_v}

@@ -2,6 +2,8 @@
 
     python -m fastcl.eval.semisup --data TRAIN --percent 1 10 --make-subset [--name cifar10]   # write subsets
     python -m fastcl.eval.semisup --checkpoint RUN --data TRAIN --val VAL --percent 1 10 [--mode linear|finetune]
+    python -m fastcl.eval.semisup --checkpoint RUN --data IMAGENET/train --val IMAGENET/val \
+        --subset-file 1percent.txt 10percent.txt        # SimCLR's published lists, one file name per line
 
 Subset files (`<subset-dir>/<name>_<pct>pct.txt`, default dir data/subsets, run from the repo root) list one
 labelled training image per line as its path relative to the TRAIN folder (`cat/0042.jpg`); `#` lines are
@@ -54,13 +56,13 @@ def per_class_count(n_total: int, n_classes: int, percent: float) -> int:
     return max(1, int(math.floor(percent / 100.0 * n_total / n_classes + 0.5)))
 
 
-def make_subset(root: str, percent: float, seed: int = 0) -> list[str]:
+def make_subset(root: str, percent: float, seed: int = 0, classes: list[str] | None = None) -> list[str]:
     """Relative paths (in scan_folder order) of a class-balanced `percent` % subset of the class folder `root`."""
     from fastcl.pipelines.folder import scan_folder
 
     if not 0 < percent <= 100:
         raise ValueError(f"--percent must be in (0, 100], got {percent}")
-    index = scan_folder(root)
+    index = scan_folder(root, classes=classes)
     if not index.classes:
         raise ValueError(f"{root} is a flat folder (no class sub-folders): a labelled subset needs classes")
     abs_root = os.path.abspath(root)
@@ -172,7 +174,7 @@ class SubsetImages(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def evaluate_images(model: nn.Module, root: str, aug, labels_map: Tensor, batch_size: int, workers: int,
-                    device: torch.device) -> dict[str, float]:
+                    device: torch.device, classes: list[str] | None = None) -> dict[str, float]:
     """top1/top5 of `model` ([B,3,S,S] -> [B,C]) over the folder `root` through the eval transform;
     labels_map renumbers the folder's labels into the model's classes."""
     from fastcl.eval.linear import topk_accuracy
@@ -180,7 +182,7 @@ def evaluate_images(model: nn.Module, root: str, aug, labels_map: Tensor, batch_
 
     model.eval()
     logits, ys = [], []
-    for x, y, _ in eval_batches(root, aug, batch_size, workers=workers):
+    for x, y, _ in eval_batches(root, aug, batch_size, workers=workers, classes=classes):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits.append(model(x.to(device)).float().cpu())
         ys.append(labels_map[y])
@@ -190,7 +192,8 @@ def evaluate_images(model: nn.Module, root: str, aug, labels_map: Tensor, batch_
 def finetune(checkpoint: str, which: str, train_root: str, ids: Tensor, val_root: str, epochs: int,
              batch_size: int = 256, lr: float | None = None, wd: float = 0.0, aug_mode: str = "crop",
              crop_scale: float = 0.08, eval_size: int | None = None, workers: int = 4,
-             device: torch.device | None = None, seed: int = 0, progress: bool = True) -> dict:
+             device: torch.device | None = None, seed: int = 0, progress: bool = True,
+             classes: list[str] | None = None) -> dict:
     """Fine-tune backbone + LinearHead on the training images `ids` (scan_folder ids of train_root); evaluate
     on val_root after the last epoch. Returns {"top1", "top5", "history", "lr", "batch_size", "epochs"}."""
     from tqdm import tqdm
@@ -203,7 +206,7 @@ def finetune(checkpoint: str, which: str, train_root: str, ids: Tensor, val_root
     device = device or default_device()
     ck, _, cfg = checkpoint_context(checkpoint)
     aug = eval_aug(cfg, eval_size)
-    index, val_index = scan_folder(train_root), scan_folder(val_root)
+    index, val_index = scan_folder(train_root, classes=classes), scan_folder(val_root, classes=classes)
     labels_map = remap_labels(index.classes, val_index.classes, torch.arange(len(val_index.classes)),
                               train_root, val_root)
     n = int(ids.numel())
@@ -246,7 +249,7 @@ def finetune(checkpoint: str, which: str, train_root: str, ids: Tensor, val_root
         history.append({"epoch": epoch + 1, "loss": float(loss_sum) / max(seen, 1)})
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
     bar.close()
-    acc = evaluate_images(model, val_root, aug, labels_map, 256, workers, device)
+    acc = evaluate_images(model, val_root, aug, labels_map, 256, workers, device, classes)
     return {**acc, "history": history, "lr": lr, "batch_size": bs, "epochs": epochs, "aug": aug_mode,
             "crop_scale": crop_scale}
 
@@ -254,8 +257,8 @@ def finetune(checkpoint: str, which: str, train_root: str, ids: Tensor, val_root
 # ------------------------------------------------------------------------------------------ command
 
 def main(argv=None) -> int:
-    from fastcl.eval.linear import PROTOCOLS, add_common_args, aligned_labels, checkpoint_context, load_pair, \
-        resolve_protocol, train_linear, write_result
+    from fastcl.eval.linear import PROTOCOLS, add_common_args, aligned_labels, checkpoint_context, eval_classes, \
+        load_pair, resolve_protocol, train_linear, write_result
     from fastcl.pipelines.folder import scan_folder
 
     ap = argparse.ArgumentParser(prog="python -m fastcl.eval.semisup", description=__doc__.split("\n")[0])
@@ -263,6 +266,9 @@ def main(argv=None) -> int:
     ap.add_argument("--percent", type=float, nargs="+", default=[1.0, 10.0], help="label percentages")
     ap.add_argument("--mode", default="linear", choices=["linear", "finetune"])
     ap.add_argument("--subset-dir", default=os.path.join("data", "subsets"))
+    ap.add_argument("--subset-file", nargs="+", default=None, metavar="FILE",
+                    help="evaluate these subset files instead of <subset-dir>/<name>_<pct>pct.txt: one image per line, "
+                         "a path relative to --data or a bare file name (SimCLR's ImageNet 1%%/10%% lists)")
     ap.add_argument("--name", default=None, help="dataset name in subset file names (default: from --data)")
     ap.add_argument("--make-subset", action="store_true", help="write the subset files (deterministic) first")
     ap.add_argument("--subset-seed", type=int, default=0)
@@ -278,10 +284,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     name = args.name or dataset_name(args.data)
-    files = {pct: subset_file(args.subset_dir, name, pct) for pct in args.percent}
+    classes = eval_classes(args)
+    if args.subset_file and args.make_subset:
+        ap.error("--subset-file evaluates the given files; --make-subset writes <subset-dir>/<name>_<pct>pct.txt")
+    if args.subset_file:  # the user's lists; the labelled fraction is measured, not taken from --percent
+        files = {os.path.splitext(os.path.basename(f))[0]: f for f in args.subset_file}
+    else:
+        files = {pct: subset_file(args.subset_dir, name, pct) for pct in args.percent}
     if args.make_subset:
         for pct, path in files.items():
-            rels = make_subset(args.data, pct, args.subset_seed)
+            rels = make_subset(args.data, pct, args.subset_seed, classes)
             wrote = write_subset(path, subset_text(rels, name, pct, args.subset_seed))
             print(f"{'wrote' if wrote else 'kept identical'} {path}", file=sys.stderr)
         if not args.checkpoint:
@@ -297,13 +309,15 @@ def main(argv=None) -> int:
         rel_paths = train.rel_paths
     else:
         hits = None
-        index = scan_folder(args.data)
+        index = scan_folder(args.data, classes=classes)
         abs_root = os.path.abspath(args.data)
         rel_paths = [os.path.relpath(p, abs_root).replace(os.sep, "/") for p in index.paths]
-    for pct, path in files.items():
+    for key, path in files.items():
         ids = read_subset(path, rel_paths)
+        pct = key if isinstance(key, float) else round(100.0 * ids.numel() / len(rel_paths), 4)
         with open(path, "rb") as f:
-            entry = {"percent": pct, "subset_file": os.path.abspath(path), "n_labeled": int(ids.numel()),
+            entry = {"subset": key if isinstance(key, str) else f"{key:g}", "percent": pct,
+                     "subset_file": os.path.abspath(path), "n_labeled": int(ids.numel()),
                      "subset_sha1": hashlib.sha1(f.read()).hexdigest()}
         if args.mode == "linear":
             p = resolve_protocol(args.protocol, args.epochs, args.batch_size, args.lr, args.wd, args.bn)
@@ -314,15 +328,15 @@ def main(argv=None) -> int:
             epochs = args.epochs or (60 if pct <= 1 else 30)
             res = finetune(args.checkpoint, args.which, args.data, ids, args.val, epochs, args.batch_size or 256,
                            args.lr, args.wd or 0.0, args.aug, args.crop_scale, args.eval_size, args.workers, device,
-                           args.seed, not args.no_progress)
+                           args.seed, not args.no_progress, classes)
             entry.update({k: res[k] for k in ("lr", "batch_size", "epochs", "aug", "crop_scale")})
         entry.update(top1=res["top1"], top5=res["top5"], history=res["history"])
         results.append(entry)
     ck, run_dir, _ = checkpoint_context(args.checkpoint)
     result = {"command": "semisup", "mode": args.mode, "checkpoint": ck, "run_dir": run_dir, "which": args.which,
               "train_path": os.path.abspath(args.data), "val_path": os.path.abspath(args.val), "cache_hit": hits,
-              "top1": {f"{r['percent']:g}": r["top1"] for r in results},
-              "top5": {f"{r['percent']:g}": r["top5"] for r in results}, "results": results}
+              "top1": {r["subset"]: r["top1"] for r in results},
+              "top5": {r["subset"]: r["top5"] for r in results}, "results": results}
     write_result(result, args.out, f"semisup_{args.mode}_{args.which}.json")
     return 0
 

@@ -39,7 +39,7 @@ def mine(checkpoint: str, data: str, out: str, k: int = 5, threshold: float = 0.
     import torch
 
     from fastcl.mining.knn import pair_precision, threshold_for_precision
-    from fastcl.pipelines.folder import scan_folder
+    from fastcl.pipelines.folder import cfg_classes, scan_folder
 
     if features not in FEATURES:
         raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
@@ -49,7 +49,8 @@ def mine(checkpoint: str, data: str, out: str, k: int = 5, threshold: float = 0.
     t0 = time.time()
     net = enc if features == "projector" else enc.backbone
     emb = embed_dataset(net, cfg, path=data, batch_size=batch_size, progress=True)
-    labels = torch.tensor(scan_folder(data).labels) if (labels_for_report or target_precision > 0) else None
+    labels = torch.tensor(scan_folder(data, classes=cfg_classes(cfg)).labels) \
+        if (labels_for_report or target_precision > 0) else None
     calib = {}
     if target_precision > 0:  # mine the top-k at any cosine, then cut at the calibrated threshold
         miner = NeighbourMiner(emb.shape[0], k, -1.0, ivf_nlist=ivf_nlist, pca_dim=pca_dim, features=features)
