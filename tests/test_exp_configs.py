@@ -7,6 +7,7 @@ images; teacher: every key view once), and compute a finite loss and gradient no
 """
 import glob
 import json
+import math
 import os
 
 import pytest
@@ -68,5 +69,6 @@ def test_published_config_trains_on_real_images(path, cifar_folder, sepp_table, 
     assert encoded == {"student": 2 * 16 * n_student, "teacher": 2 * 16 * n_teacher}
     recs = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"loss"' in line]
     # step 1 of a MoCo-layout run: the queue is still empty, the own key is the only candidate and the loss is 0
-    assert len(recs) == 2 and all(0 <= r["loss"] < 50 and r["grad_norm"] < 1e4 for r in recs), recs
+    # (the grad norm of a width-8 net can be large: F.normalize divides by small head outputs; finite is the check)
+    assert len(recs) == 2 and all(0 <= r["loss"] < 50 and math.isfinite(r["grad_norm"]) for r in recs), recs
     assert recs[-1]["loss"] > 0 and recs[-1]["grad_norm"] > 0, recs

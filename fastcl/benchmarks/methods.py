@@ -20,7 +20,8 @@ from fastcl.train import train
 # method -> overrides on top of the shared base. Method hyperparameters are each config's CIFAR values.
 METHOD_RUNS = {
     "mocov2": [],
-    "simclr": ["method.name=simclr", "method.queue_size=0", "method.tau=0.2"],
+    # SimCLR: global BN over the whole batch (its recipe), not the MoCo base's 8 simulated devices
+    "simclr": ["method.name=simclr", "method.queue_size=0", "method.tau=0.2", "model.bn_splits=1"],
     "sce": ["method.name=sce", "method.tau=0.1", "method.sce.tau_m=0.05",
             "data.aug.views.0.jitter_p=0.0", "data.aug.views.0.gray_p=0.0"],  # weak target view (SCE CIFAR)
     "ifnd": ["method.name=ifnd", "method.ifnd.levels=[10,20,40]", "method.ifnd.warmup_epochs={warmup}"],
