@@ -36,8 +36,9 @@ def sepp_table(cifar_folder, tmp_path_factory):
 
 
 # images encoded per sample and step: (student, teacher), from each recipe's view structure
-ENCODED = {"cifar10_simclr": (2, 0), "imagenet_simclr": (2, 0), "cifar10_sane": (2, 1), "imagenet_sane": (2, 1),
-           "imagenet_sce": (2, 2), "imagenet_sce_multicrop": (6, 2)}  # every other config: (1, 1)
+ENCODED = {"cifar10_simclr": (2, 0), "imagenet_simclr": (2, 0), "imagenet100_simclr": (2, 0),
+           "cifar10_sane": (2, 1), "imagenet_sane": (2, 1), "imagenet100_sane": (2, 1),
+           "imagenet_sce": (2, 2), "imagenet100_sce": (2, 2), "imagenet_sce_multicrop": (6, 2)}  # others: (1, 1)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(c)[:-5] for c in CONFIGS])

@@ -33,7 +33,7 @@ from fastcl.train import make_accelerator, setup
 
 EXTRA = {
     "simclr": ["method.name=simclr", "method.queue_size=0"],
-    "mocov2": [],
+    "mocov2": ["method.name=mocov2"],
     "sce": ["method.name=sce"],
     "ifnd": ["method.name=ifnd", "method.ifnd.warmup_epochs=0", "method.ifnd.accept_start=1.0",
              "method.ifnd.levels=[10,20,40]"],
