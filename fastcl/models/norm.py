@@ -39,7 +39,36 @@ class _AllReduceSum(torch.autograd.Function):
         return g, None
 
 
-class AllReduceBatchNorm(_BatchNorm):
+class _StatsBatchNorm(_BatchNorm):
+    """BN on any [N, C, *] input whose training statistics a subclass computes: the running-statistics update and
+    the normalisation from given (mean, biased var) are shared here."""
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected an input of shape [N, C, *], got {tuple(x.shape)}")
+
+    @torch.no_grad()
+    def _track(self, mean: Tensor, unbiased_var: Tensor) -> None:
+        """Same update as torch's BN (the running variance is the unbiased one)."""
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            self.running_mean.mul_(1 - f).add_(mean.to(self.running_mean.dtype), alpha=f)
+            self.running_var.mul_(1 - f).add_(unbiased_var.to(self.running_var.dtype), alpha=f)
+
+    def _normalize(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+        """(x - mean) / sqrt(var + eps) * weight + bias as one affine map per channel; mean/var [C]. x * s + b
+        keeps x's memory format (channels_last stays channels_last)."""
+        scale = torch.rsqrt(var + self.eps)
+        shift = -mean * scale
+        if self.affine:
+            scale = scale * self.weight
+            shift = shift * self.weight + self.bias
+        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+        return x * scale.to(x.dtype).view(shape) + shift.to(x.dtype).view(shape)
+
+
+class AllReduceBatchNorm(_StatsBatchNorm):
     """BatchNorm{1,2,3}d whose training statistics cover the batches of all processes.
 
     Input [N, C, *] -> same shape. In training mode with torch.distributed initialised, each process
@@ -55,10 +84,6 @@ class AllReduceBatchNorm(_BatchNorm):
                  track_running_stats: bool = True, process_group=None, device=None, dtype=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.process_group = process_group
-
-    def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() < 2:
-            raise ValueError(f"expected an input of shape [N, C, *], got {tuple(x.shape)}")
 
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and is_dist()):
@@ -80,27 +105,11 @@ class AllReduceBatchNorm(_BatchNorm):
         total = packed[2 * c]
         mean = packed[:c] / total
         var = (packed[c:2 * c] / total - mean * mean).clamp_min(0.0)  # biased, as used to normalise
-
-        if self.track_running_stats and self.num_batches_tracked is not None:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                # Same update as torch's BN: the running variance is the unbiased one.
-                unbiased = var * total / (total - 1).clamp_min(1.0)
-                self.running_mean.mul_(1 - f).add_(mean.to(self.running_mean.dtype), alpha=f)
-                self.running_var.mul_(1 - f).add_(unbiased.to(self.running_var.dtype), alpha=f)
-
-        scale = torch.rsqrt(var + self.eps)
-        shift = -mean * scale
-        if self.affine:
-            scale = scale * self.weight
-            shift = shift * self.weight + self.bias
-        shape = [1, c] + [1] * (x.dim() - 2)
-        # x * s + b keeps x's memory format (channels_last stays channels_last).
-        return x * scale.to(x.dtype).view(shape) + shift.to(x.dtype).view(shape)
+        self._track(mean, var * total / (total - 1).clamp_min(1.0))
+        return self._normalize(x, mean, var)
 
 
-class SplitBatchNorm(_BatchNorm):
+class SplitBatchNorm(_StatsBatchNorm):
     """BatchNorm whose training statistics are computed over `splits` contiguous slices of the batch.
 
     Input [N, C, *] with N divisible by splits -> same shape. Slice s (rows s·N/S .. (s+1)·N/S) is normalised
@@ -115,10 +124,6 @@ class SplitBatchNorm(_BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.splits = splits
 
-    def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() < 2:
-            raise ValueError(f"expected an input of shape [N, C, *], got {tuple(x.shape)}")
-
     def forward(self, x: Tensor) -> Tensor:
         s = self.splits
         if not self.training or s == 1:
@@ -129,67 +134,47 @@ class SplitBatchNorm(_BatchNorm):
         xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         g = xs.reshape(s, n // s, c, -1)  # [S, N/S, C, spatial]
         var, mean = torch.var_mean(g, dim=(1, 3), correction=0)  # [S, C] each
-        if self.track_running_stats and self.num_batches_tracked is not None:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                m = g.shape[1] * g.shape[3]
-                unbiased = var * m / max(m - 1, 1)
-                self.running_mean.mul_(1 - f).add_(mean.mean(0).to(self.running_mean.dtype), alpha=f)
-                self.running_var.mul_(1 - f).add_(unbiased.mean(0).to(self.running_var.dtype), alpha=f)
-        scale = torch.rsqrt(var + self.eps)  # [S, C]
-        shift = -mean * scale
-        if self.affine:
-            scale = scale * self.weight
-            shift = shift * self.weight + self.bias
-        rows = [n // s] * s
-        shape = [1, c] + [1] * (x.dim() - 2)
-        # per-slice affine map; x * a + b keeps x's memory format (channels_last stays channels_last)
-        return torch.cat([xi * a.to(x.dtype).view(shape) + b.to(x.dtype).view(shape)
-                          for xi, a, b in zip(x.split(rows), scale, shift)])
+        m = g.shape[1] * g.shape[3]
+        self._track(mean.mean(0), (var * m / max(m - 1, 1)).mean(0))
+        # each slice normalised with its own statistics, as on its own device
+        return torch.cat([self._normalize(xi, mi, vi) for xi, mi, vi in zip(x.split(n // s), mean, var)])
 
 
 _PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def convert_split_bn(module: nn.Module, splits: int) -> nn.Module:
-    """Swap plain BatchNorm layers for SplitBatchNorm(splits), sharing their tensors (splits = 1: unchanged).
-    An existing SplitBatchNorm gets the new count (the teacher of `model.shuffle_bn=sync` uses 1)."""
-    if isinstance(module, SplitBatchNorm):
-        module.splits = splits
-        return module
-    if splits == 1 and not any(isinstance(m, SplitBatchNorm) for m in module.modules()):
-        return module
+def _swap_bn(module: nn.Module, swap: tuple, make) -> nn.Module:
+    """Recursively replace BN layers of the classes `swap` by `make(old)`, SHARING their tensors: an optimizer or
+    EMA already holding these Parameters stays valid, and the state-dict names stay BN's."""
     out = module
-    if isinstance(module, _PLAIN_BN) and not isinstance(module, (nn.SyncBatchNorm, AllReduceBatchNorm)):
-        out = SplitBatchNorm(module.num_features, splits, module.eps, module.momentum, module.affine,
-                             module.track_running_stats)
+    if isinstance(module, swap) and not isinstance(module, (nn.SyncBatchNorm, AllReduceBatchNorm)):
+        out = make(module)
         if module.affine:
             out.weight, out.bias = module.weight, module.bias
         out.running_mean, out.running_var = module.running_mean, module.running_var
         out.num_batches_tracked = module.num_batches_tracked
         out.train(module.training)
     for name, child in module.named_children():
-        out.add_module(name, convert_split_bn(child, splits))
+        out.add_module(name, _swap_bn(child, swap, make))
     return out
+
+
+def convert_split_bn(module: nn.Module, splits: int) -> nn.Module:
+    """Swap plain BatchNorm layers for SplitBatchNorm(splits) (splits = 1 and none there yet: unchanged). An
+    existing SplitBatchNorm gets the new count (the teacher of `model.shuffle_bn=sync` uses 1)."""
+    for m in module.modules():
+        if isinstance(m, SplitBatchNorm):
+            m.splits = splits
+    if splits == 1:
+        return module
+    return _swap_bn(module, _PLAIN_BN, lambda bn: SplitBatchNorm(bn.num_features, splits, bn.eps, bn.momentum,
+                                                                 bn.affine, bn.track_running_stats))
 
 
 def _to_allreduce_bn(module: nn.Module, process_group) -> nn.Module:
-    """Recursively swap plain BatchNorm layers for AllReduceBatchNorm, sharing their tensors."""
-    out = module
-    if isinstance(module, _PLAIN_BN + (SplitBatchNorm,)) and not isinstance(module, (nn.SyncBatchNorm,
-                                                                                      AllReduceBatchNorm)):
-        out = AllReduceBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                 module.track_running_stats, process_group)
-        # Share, do not copy: an optimizer or EMA already holding these Parameters stays valid.
-        if module.affine:
-            out.weight, out.bias = module.weight, module.bias
-        out.running_mean, out.running_var = module.running_mean, module.running_var
-        out.num_batches_tracked = module.num_batches_tracked
-        out.train(module.training)
-    for name, child in module.named_children():
-        out.add_module(name, _to_allreduce_bn(child, process_group))
-    return out
+    """Recursively swap plain (and split) BatchNorm layers for AllReduceBatchNorm, sharing their tensors."""
+    return _swap_bn(module, _PLAIN_BN + (SplitBatchNorm,), lambda bn: AllReduceBatchNorm(
+        bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, process_group))
 
 
 def convert_sync_bn(module: nn.Module, process_group=None) -> nn.Module:
