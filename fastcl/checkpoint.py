@@ -274,3 +274,43 @@ def load_encoder(path: str, which: str = "student"):
 
 class CheckpointReadError(ValueError):
     """A checkpoint file that exists but cannot be read (damaged, truncated, or another architecture's)."""
+
+
+# ------------------------------------------------------------------------------------------ warm start
+
+def stage_init(src: str, objects: dict, files: dict[str, str], expect: dict, stage: str) -> dict:
+    """Write into `stage` a checkpoint that THIS run's registered objects load with accelerate's own load_state,
+    built from another run's checkpoint `src` (trainer.init_from, issue 12's warm-start protocol).
+
+    Taken from `src`, by file NAME (open_run): student weights, optimizer state, RNG states, train position and
+    the EMA teacher. The method state is this run's FRESH one (another method's state means nothing to it), except
+    the queue: when both methods keep a queue of the same size its keys/ids/pointer are kept, so a continuing
+    MoCo-v2 equals a resume and every method starts from the same negatives. objects / files: this run's
+    registered objects and their files (register()); expect: this run's meta (architecture checked). Returns
+    {"path", "step", "kept_queue"}.
+    """
+    import torch
+
+    run = open_run(src)
+    check_compatible({k: v for k, v in run.meta.items() if k != "method"}, expect, run.path)
+    if "teacher" in objects and not run.has("teacher"):
+        raise ValueError(f"trainer.init_from={src}: this method keeps an EMA teacher but {run.path} has none "
+                         f"(method {run.meta.get('method', '?')!r})")
+    os.makedirs(stage, exist_ok=True)
+    for name in os.listdir(run.path):  # accelerate's own files: model, optimizer, RNG states (+ sampler, scaler)
+        if not name.startswith("custom_checkpoint_") and name != META:
+            shutil.copyfile(os.path.join(run.path, name), os.path.join(stage, name))
+    kept_queue = False
+    for name, obj in objects.items():
+        if name == "method":
+            state = obj.state_dict()
+            if run.has("method") and any(k.startswith("queue.") for k in state):
+                old = torch.load(run.file("method"), map_location="cpu", weights_only=True)
+                qkeys = [k for k in state if k.startswith("queue.")]
+                if all(k in old and old[k].shape == state[k].shape for k in qkeys):
+                    state.update({k: old[k] for k in qkeys})
+                    kept_queue = True
+            torch.save(state, os.path.join(stage, files[name]))
+        else:  # train_state, teacher: copied as written
+            shutil.copyfile(run.file(name), os.path.join(stage, files[name]))
+    return {"path": run.path, "step": int(run.meta.get("step", 0)), "kept_queue": kept_queue}

@@ -116,6 +116,10 @@ class TrainerCfg:
     ckpt_every: int = 0  # steps between checkpoints (0: epoch ends only)
     ckpt_keep: int = 3
     resume: str = ""  # "" | auto | path to a checkpoint directory
+    # warm start (issue 12): a fresh run starts from another run's checkpoint (or run directory): its weights, EMA
+    # teacher, optimizer state, train position and RNG; the method state is fresh except a same-size queue
+    # (checkpoint.stage_init). Ignored when the run resumes its own checkpoints. "" = off
+    init_from: str = ""
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     compile: bool = False
     channels_last: bool = True

@@ -194,6 +194,8 @@ def setup(cfg, accelerator):
             raise SetupError(f"trainer.resume={t.resume}: {e}") from None
         if resumed is None:
             raise SetupError(f"trainer.resume={t.resume}: none of {len(candidates)} checkpoints could be loaded")
+    elif t.init_from:
+        resumed = warm_start(accelerator, t.init_from, objects, files, expect)
     parts = StepParts(student, teacher, method, optimizer, accelerator, resolve_precision(cfg, device),
                       t.channels_last, o.clip_grad, StageTimer(device), t.skip_nonfinite, mo.shuffle_bn,
                       mo.bn_splits, t.seed,
@@ -203,6 +205,24 @@ def setup(cfg, accelerator):
     except (FileNotFoundError, ValueError) as e:
         raise SetupError(f"{e}") from None
     return parts, loader, sched, state, expect, resumed
+
+
+def warm_start(accelerator, src: str, objects: dict, files: dict, expect: dict) -> str:
+    """trainer.init_from: load another run's checkpoint into this fresh run (checkpoint.stage_init says what is
+    taken and what stays fresh). Each rank stages its own temporary copy, so no collective is needed."""
+    import shutil
+    import tempfile
+
+    stage = tempfile.mkdtemp(prefix="fastcl-init-")
+    try:
+        info = ckpt.stage_init(src, objects, files, expect, stage)
+        accelerator.load_state(stage)
+    except (FileNotFoundError, ValueError) as e:
+        raise SetupError(f"trainer.init_from={src}: {e}") from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    queue = "queue kept" if info["kept_queue"] else "no queue kept"
+    return f"{info['path']} (trainer.init_from: fresh method state, {queue})"
 
 
 class Health:

@@ -12,6 +12,15 @@ Feature cache: one file per (checkpoint directory, its files' newest mtime, whic
 its mtime, eval transform); a later run with the same key loads it instead of running the backbone. The
 kNN (fastcl.eval.knn) and semi-supervised (fastcl.eval.semisup, linear mode) commands share it.
 
+Sound by default on every backbone (issue 12): the presets' learning rates assume one feature scale (MoCo's lr 30:
+ImageNet ResNet-50 pooled features), and on a small CIFAR backbone `moco` diverged (start CE 2,890 on 10
+classes). So (1) the features are STANDARDISED with the train split's per-dimension mean and std (`--standardize`,
+on by default; the val split uses the train statistics) and (2) the lr is chosen by a small SWEEP on a held-out
+10 % of the training split (`--lr-grid`: the preset's lr times 1, 0.1, 0.01, 0.001; the best held-out top-1 wins,
+then the probe is retrained on the whole training split), as solo-learn and the papers' appendices (SimCLR B.5,
+BYOL C) pick linear-probe learning rates. An explicit --lr turns the sweep off. Every probe measures its loss at
+initialisation and WARNS when an epoch's mean loss rises above it (`diverged` in the result).
+
 Labels are read here: evaluation is the one place that may.
 """
 from __future__ import annotations
@@ -22,6 +31,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from dataclasses import asdict, dataclass, replace
 from types import SimpleNamespace
 
@@ -283,6 +293,7 @@ def train_linear(x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val: Tensor,
     xv, yv = x_val.to(device).float(), y_val.to(device)
     opt = make_optimizer(head.parameters(), p)
     n = xt.shape[0]
+    start = start_loss(head, xt, yt)
     history = []
     bar = tqdm(range(p.epochs), disable=not progress, desc=desc, file=sys.stderr, dynamic_ncols=True)
     for epoch in bar:
@@ -306,7 +317,88 @@ def train_linear(x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val: Tensor,
         history.append({"epoch": epoch + 1, "lr": lr, "loss": float(total) / max(seen, 1), "val_top1": acc["top1"]})
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", top1=f"{acc['top1']:.2f}")
     bar.close()
-    return {**acc, "history": history}
+    # 1 % slack: an epoch's mean loss is taken during training, so a first epoch of one batch equals the start
+    risen = [h for h in history if not h["loss"] <= 1.01 * start]  # NaN counts as risen
+    if risen:
+        warnings.warn(f"{desc}: the probe's loss rose above its start ({start:.3f} at initialisation -> "
+                      f"{risen[0]['loss']:.3f} in epoch {risen[0]['epoch']}, lr {p.lr:g}): it diverged; keep "
+                      f"--standardize and the lr sweep, or lower --lr", RuntimeWarning, stacklevel=2)
+    return {**acc, "history": history, "start_loss": start, "diverged": bool(risen)}
+
+
+@torch.no_grad()
+def start_loss(head: nn.Module, x: Tensor, y: Tensor) -> float:
+    """Mean CE of the untrained head on x [N, D] / y [N] (train-mode BN statistics, the running ones untouched)."""
+    import copy
+
+    probe = copy.deepcopy(head).train()
+    return float(F.cross_entropy(probe(x), y))
+
+
+# ------------------------------------------------------------------------------------------ sound probe
+
+LR_GRID = (1.0, 0.1, 0.01, 0.001)  # multipliers of the preset's lr tried on the held-out split
+
+
+def standardize(x_train: Tensor, *others: Tensor) -> tuple[Tensor, ...]:
+    """Per-dimension (x - mean) / std with the statistics of x_train [N, D] applied to every tensor [M, D].
+
+    Dead dimensions (std 0: a ReLU unit never active) stay 0 instead of dividing by zero."""
+    mean, std = x_train.float().mean(0), x_train.float().std(0)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    return tuple((x.float() - mean) / std for x in (x_train, *others))
+
+
+def holdout_split(n: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(fit ids, held-out ids) of n training rows: a seeded random `fraction` held out (at least one row each)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"--holdout must lie in (0, 1), got {fraction}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
+    k = min(max(1, round(fraction * n)), n - 1)
+    return order[k:], order[:k]
+
+
+def sweep_lr(x: Tensor, y: Tensor, num_classes: int, p: Protocol, grid=LR_GRID, holdout: float = 0.1,
+             device: torch.device | None = None, seed: int = 0, progress: bool = False) -> tuple[float, list[dict]]:
+    """The lr among p.lr * grid with the best top-1 on a held-out part of the TRAINING split (x [N, D], y [N]).
+
+    A candidate whose loss rose above its start is never chosen (a small held-out split can rank a diverging
+    probe first by chance); when every candidate diverges the grid continues downwards (x0.1, at most 3 more).
+    Ties go to the lower final training loss. Returns (lr, per-lr table)."""
+    fit, held = holdout_split(x.shape[0], holdout, seed)
+    table = []
+    mults = [float(m) for m in grid]
+    while mults:
+        q = replace(p, lr=p.lr * mults.pop(0))
+        with warnings.catch_warnings():  # a diverging candidate is expected here: it is just not chosen
+            warnings.simplefilter("ignore", RuntimeWarning)
+            r = train_linear(x[fit], y[fit], x[held], y[held], num_classes, q, device, seed, progress,
+                             desc=f"lr sweep {q.lr:g}")
+        table.append({"lr": q.lr, "holdout_top1": r["top1"], "final_loss": r["history"][-1]["loss"],
+                      "diverged": r["diverged"]})
+        if not mults and all(t["diverged"] for t in table) and len(table) < len(grid) + 3:
+            mults.append(min(t["lr"] for t in table) * 0.1 / p.lr)
+    ok = [t for t in table if not t["diverged"]] or [t for t in table if math.isfinite(t["final_loss"])] or table
+    best = max(ok, key=lambda t: (t["holdout_top1"], -t["final_loss"]))
+    return best["lr"], table
+
+
+def fit_probe(x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val: Tensor, num_classes: int, p: Protocol,
+              device: torch.device | None = None, seed: int = 0, progress: bool = True, desc: str = "linear",
+              standardize_features: bool = True, lr_grid=LR_GRID, holdout: float = 0.1) -> dict:
+    """The sound probe: standardise (train statistics), sweep the lr on a held-out part of the training split
+    (lr_grid None or empty: p.lr as given), then train on the whole training split and evaluate on val.
+
+    x_train [N, D], y_train [N], x_val [M, D], y_val [M] -> train_linear's result plus "lr", "lr_sweep",
+    "standardize"."""
+    if standardize_features:
+        x_train, x_val = standardize(x_train, x_val)
+    table = []
+    if lr_grid:
+        lr, table = sweep_lr(x_train, y_train, num_classes, p, lr_grid, holdout, device, seed)
+        p = replace(p, lr=lr)
+    res = train_linear(x_train, y_train, x_val, y_val, num_classes, p, device, seed, progress, desc)
+    return {**res, "lr": p.lr, "lr_sweep": table, "standardize": bool(standardize_features), "protocol": asdict(p)}
 
 
 # ------------------------------------------------------------------------------------------ command
@@ -407,20 +499,45 @@ def run_cli(main_fn) -> int:
         return 2
 
 
+def add_probe_args(ap: argparse.ArgumentParser) -> None:
+    """--standardize, --lr-sweep, --lr-grid, --holdout: what makes the probe converge on any backbone."""
+    ap.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=True,
+                    help="standardise features with the train split's per-dimension mean/std (default: on)")
+    ap.add_argument("--lr-sweep", action=argparse.BooleanOptionalAction, default=None,
+                    help="choose the lr on a held-out part of the training split (default: on unless --lr is given)")
+    ap.add_argument("--lr-grid", type=float, nargs="+", default=list(LR_GRID),
+                    help="multipliers of the protocol's lr tried by the sweep")
+    ap.add_argument("--holdout", type=float, default=0.1, help="held-out fraction of the training split (sweep)")
+
+
+def probe_grid(args) -> tuple[float, ...]:
+    """The sweep's lr multipliers for parsed args: none when --no-lr-sweep, or when --lr is explicit."""
+    on = args.lr_sweep if args.lr_sweep is not None else args.lr is None
+    if on and (not args.lr_grid or min(args.lr_grid) <= 0):
+        raise ValueError(f"--lr-grid must hold positive multipliers, got {args.lr_grid}")
+    if on and not 0 < args.holdout < 1:
+        raise ValueError(f"--holdout must lie in (0, 1), got {args.holdout}")
+    return tuple(args.lr_grid) if on else ()
+
+
 def linear_eval(args) -> dict:
     """Run the linear evaluation described by parsed CLI args; returns the JSON-ready result."""
     p = resolve_protocol(args.protocol, args.epochs, args.batch_size, args.lr, args.wd, args.bn)
+    grid = probe_grid(args)  # bad values fail before any feature is extracted
     train, val, hits = load_pair(args)
     y_train, y_val, classes = aligned_labels(train, val)
     device = torch.device(args.device) if args.device else default_device()
-    res = train_linear(train.feats, y_train, val.feats, y_val, len(classes), p, device, args.seed,
-                       progress=not args.no_progress, desc=f"linear/{p.name}")
+    res = fit_probe(train.feats, y_train, val.feats, y_val, len(classes), p, device, args.seed,
+                    progress=not args.no_progress, desc=f"linear/{p.name}", standardize_features=args.standardize,
+                    lr_grid=grid, holdout=args.holdout)
     ck, run_dir, _ = checkpoint_context(args.checkpoint)
     return {"command": "linear", "checkpoint": ck, "run_dir": run_dir, "which": args.which,
             "train_path": train.root, "val_path": val.root, "n_train": len(train.rel_paths),
             "n_val": len(val.rel_paths), "num_classes": len(classes), "feat_dim": int(train.feats.shape[1]),
             "features": "precomputed once with the eval transform (no augmentation)", "cache_hit": hits,
-            "protocol": asdict(p), "top1": res["top1"], "top5": res["top5"], "history": res["history"]}
+            "protocol": res["protocol"], "standardize": res["standardize"], "lr": res["lr"],
+            "lr_sweep": res["lr_sweep"], "start_loss": res["start_loss"], "diverged": res["diverged"],
+            "top1": res["top1"], "top5": res["top5"], "history": res["history"]}
 
 
 def main(argv=None) -> int:
@@ -433,6 +550,7 @@ def main(argv=None) -> int:
     ap.add_argument("--wd", type=float, default=None)
     ap.add_argument("--bn", action=argparse.BooleanOptionalAction, default=None,
                     help="BatchNorm1d(affine=False) before the linear layer (default: off in every preset)")
+    add_probe_args(ap)
     args = ap.parse_args(argv)
     result = linear_eval(args)
     write_result(result, args.out, f"linear_{args.protocol}_{args.which}.json")

@@ -258,7 +258,7 @@ def finetune(checkpoint: str, which: str, train_root: str, ids: Tensor, val_root
 
 def main(argv=None) -> int:
     from fastcl.eval.linear import PROTOCOLS, add_common_args, aligned_labels, checkpoint_context, eval_classes, \
-        load_pair, resolve_protocol, train_linear, write_result
+        load_pair, resolve_protocol, write_result, add_probe_args, fit_probe, probe_grid
     from fastcl.pipelines.folder import scan_folder
 
     ap = argparse.ArgumentParser(prog="python -m fastcl.eval.semisup", description=__doc__.split("\n")[0])
@@ -279,6 +279,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--wd", type=float, default=None)
     ap.add_argument("--bn", action=argparse.BooleanOptionalAction, default=None)
+    add_probe_args(ap)  # linear mode: standardised features + held-out lr sweep (fastcl.eval.linear)
     ap.add_argument("--aug", default="crop", choices=["crop", "flip", "none"], help="finetune augmentation")
     ap.add_argument("--crop-scale", type=float, default=0.08, help="finetune RandomResizedCrop minimum area")
     args = ap.parse_args(argv)
@@ -321,9 +322,11 @@ def main(argv=None) -> int:
                      "subset_sha1": hashlib.sha1(f.read()).hexdigest()}
         if args.mode == "linear":
             p = resolve_protocol(args.protocol, args.epochs, args.batch_size, args.lr, args.wd, args.bn)
-            res = train_linear(train.feats[ids], y_train[ids], val.feats, y_val, len(classes), p, device, args.seed,
-                               progress=not args.no_progress, desc=f"linear/{pct:g}%")
-            entry.update(protocol=p.name, lr=p.lr, batch_size=p.batch_size, epochs=p.epochs, bn=p.bn)
+            res = fit_probe(train.feats[ids], y_train[ids], val.feats, y_val, len(classes), p, device, args.seed,
+                            progress=not args.no_progress, desc=f"linear/{pct:g}%",
+                            standardize_features=args.standardize, lr_grid=probe_grid(args), holdout=args.holdout)
+            entry.update(protocol=p.name, lr=res["lr"], batch_size=p.batch_size, epochs=p.epochs, bn=p.bn,
+                         standardize=res["standardize"], lr_sweep=res["lr_sweep"], diverged=res["diverged"])
         else:
             epochs = args.epochs or (60 if pct <= 1 else 30)
             res = finetune(args.checkpoint, args.which, args.data, ids, args.val, epochs, args.batch_size or 256,

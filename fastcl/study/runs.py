@@ -1,0 +1,183 @@
+"""One study run: train it (skip when finished, resume when interrupted), evaluate its kNN, mine SePP partners."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+KNN_KS = (200, 20)
+
+
+class StudyError(ValueError):
+    """Bad study input or a run that cannot continue: reported as one line."""
+
+
+@dataclass
+class RunSpec:
+    """One training run of the study: `variant` (method or sweep point) x `seed`, under `run_dir`."""
+
+    variant: str
+    seed: int
+    run_dir: str
+    overrides: list[str]
+    method: str = "mocov2"
+    table: dict = field(default_factory=dict)  # SePP: {"source": run dir to mine from, "path": table .npz}
+    info: dict = field(default_factory=dict)  # sweep coordinates (precision, threshold)
+
+
+def finished(run_dir: str) -> bool:
+    """A run is finished when its result.json exists and it was not stopped by a signal / stop file."""
+    path = os.path.join(run_dir, "result.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return not json.load(f).get("preempted")
+
+
+def train_run(config: str, spec: RunSpec) -> tuple[str, dict]:
+    """Train (or resume, or skip) one run. Returns (how: done|resumed|fresh, trainer result or {}).
+
+    The overrides are recorded in <run>/study_spec.json: a run directory made with other settings is refused
+    instead of being silently reused."""
+    from fastcl import checkpoint as ckpt
+    from fastcl.config import load_config
+    from fastcl.train import train
+
+    spec_path = os.path.join(spec.run_dir, "study_spec.json")
+    if os.path.isfile(spec_path):
+        with open(spec_path) as f:
+            old = json.load(f)["overrides"]
+        if old != spec.overrides:
+            raise StudyError(f"{spec.run_dir} was trained with other settings ({sorted(set(old) ^ set(spec.overrides))}"
+                             f"); use another --out")
+    if finished(spec.run_dir):
+        return "done", {}
+    how = "resumed" if ckpt.list_checkpoints(spec.run_dir) else "fresh"
+    if how == "fresh":  # killed before its first checkpoint: nothing worth keeping (metrics would be appended)
+        shutil.rmtree(spec.run_dir, ignore_errors=True)
+    os.makedirs(spec.run_dir, exist_ok=True)
+    with open(spec_path, "w") as f:
+        json.dump({"overrides": spec.overrides}, f, indent=1)
+    over = spec.overrides + (["trainer.resume=auto"] if how == "resumed" else [])
+    return how, train(load_config(config, over))
+
+
+def _synthetic_knn(run_dir: str) -> dict:
+    """Smoke-test kNN for the synthetic backend (every split is the same generated set): even ids are the bank,
+    odd ones the queries (by class cycle). Only for tests; real studies evaluate on image folders."""
+    from fastcl.checkpoint import open_run
+    from fastcl.eval.features import embed_dataset
+    from fastcl.eval.knn import knn_predict
+    from fastcl.pipelines import build_loader
+
+    run = open_run(run_dir)
+    loader = build_loader(run.cfg, 0, 1, "cpu")
+    feats = F.normalize(embed_dataset(run.encoder("student").backbone, run.cfg, loader), dim=1)
+    labels = torch.as_tensor(loader.labels).long()
+    # ids cycle through the classes (label = id % C): alternate whole cycles, so both halves hold every class
+    half = (torch.arange(len(labels)) // loader.num_classes) % 2
+    bank, query = torch.nonzero(half == 0).flatten(), torch.nonzero(half == 1).flatten()
+    out = {}
+    for k in KNN_KS:
+        pred = knn_predict(feats[bank], labels[bank], feats[query], k, 0.1, int(labels.max()) + 1).argmax(1)
+        out[str(k)] = float((pred == labels[query]).float().mean() * 100)
+    return out
+
+
+def evaluate(run_dir: str, bank: str, test: str, workers: int) -> dict:
+    """{"200": top-1 %, "20": top-1 %} of the run's final student backbone: `fastcl.eval.knn` of the `test`
+    folder against the `bank` folder (cached in <run>/study_knn.json; synthetic data: _synthetic_knn)."""
+    out = os.path.join(run_dir, "study_knn.json")
+    if not os.path.isfile(out):
+        if not test:
+            res = {"top1": _synthetic_knn(run_dir), "test": "synthetic (alternate class cycles: bank / queries)"}
+        else:
+            from fastcl.eval import knn
+
+            tmp = out + ".knn.json"
+            args = ["--checkpoint", run_dir, "--data", bank, "--val", test, "--k", *map(str, KNN_KS),
+                    "--out", tmp, "--no-progress", "--workers", str(workers), "--device", "cpu"]
+            if knn.main(args) != 0:
+                raise StudyError(f"kNN evaluation of {run_dir} failed")
+            with open(tmp) as f:
+                r = json.load(f)
+            os.remove(tmp)
+            res = {"top1": r["top1"], "test": test, "bank": bank, "n_val": r["n_val"]}
+        with open(out, "w") as f:
+            json.dump(res, f, indent=1)
+    with open(out) as f:
+        return json.load(f)["top1"]
+
+
+def mine_partners(source: str, out: str, k: int = 5) -> dict:
+    """SePP's partner table from the EMA teacher of run `source` (centred backbone features, every top-k
+    neighbour kept: threshold -1, so one table serves any method.sepp.threshold). Labels are read for the
+    report only. Returns {"path", "sims" [N, k], "ids" [N, k], "labels" [N]} (tensors for the threshold curve)."""
+    from fastcl.checkpoint import open_run
+    from fastcl.eval.features import embed_dataset
+    from fastcl.mining.miner import NeighbourMiner
+    from fastcl.pipelines import build_loader
+
+    run = open_run(source)
+    cfg = run.cfg
+    if not os.path.isfile(out):
+        net = run.encoder("teacher" if run.has("teacher") else "student").backbone
+        if cfg.data.backend == "synthetic":
+            emb = embed_dataset(net, cfg, build_loader(cfg, 0, 1, "cpu"))
+        else:
+            cfg.data.backend = "torch"
+            emb = embed_dataset(net, cfg)  # as `python -m fastcl.mining.sepp` embeds
+        miner = NeighbourMiner(emb.shape[0], k, -1.0, features="centered")
+        miner.mine(emb)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        miner.save(out)
+    import numpy as np
+    with np.load(out) as f:
+        ids, sims = torch.from_numpy(f["nbr_ids"]), torch.from_numpy(f["nbr_sims"])
+    return {"path": out, "ids": ids, "sims": sims, "labels": dataset_labels(cfg)}
+
+
+def dataset_labels(cfg) -> torch.Tensor:
+    """[N] true labels of the training set in id order (report only)."""
+    if cfg.data.backend == "synthetic":
+        return torch.arange(cfg.data.num_samples) % cfg.data.num_classes
+    from fastcl.pipelines.folder import cfg_classes, scan_folder
+    return torch.tensor(scan_folder(cfg.data.path, cfg.data.max_samples, cfg_classes(cfg)).labels)
+
+
+def partner_precision_curve(table: dict, thresholds) -> list[dict]:
+    """Per threshold t: share of same-class pairs among the table's pairs with cosine >= t, and the share of
+    images that keep at least one partner."""
+    from fastcl.mining.knn import pair_precision
+
+    out = []
+    for t in thresholds:
+        ids = torch.where(table["sims"] >= t, table["ids"], torch.full_like(table["ids"], -1))
+        kept = (ids >= 0).sum(1)
+        prec = float(pair_precision(ids, table["labels"])) if bool((kept > 0).any()) else float("nan")
+        out.append({"threshold": float(t), "partner_precision": prec,
+                    "images_with_partner": float((kept > 0).float().mean())})
+    return out
+
+
+def measured_fn_precision(run_dir: str) -> float:
+    """Mean `fn_masked_precision` (the method's detections against true labels, logged at log steps) over the
+    run's last epoch that logged it; nan when it never detected anything."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    recs = [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
+    recs = [r for r in recs if "fn_masked_precision" in r]
+    if not recs:
+        return float("nan")
+    last = max(r["epoch"] for r in recs)
+    vals = [r["fn_masked_precision"] for r in recs if r["epoch"] == last]
+    return sum(vals) / len(vals)
+
+
+def timed(fn, *a, **k):
+    t0 = time.time()
+    return fn(*a, **k), time.time() - t0

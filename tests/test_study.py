@@ -1,0 +1,103 @@
+"""`python -m fastcl.study` on synthetic data (configs/test/tiny.yaml): a 2-method x 2-seed study, its statistics,
+skipping finished runs and resuming an interrupted study, the warm protocol, and one-line errors."""
+import json
+import math
+import os
+import shutil
+
+import pytest
+
+from fastcl.study import main
+from fastcl.study.stats import mean_std, paired_difference
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs/test/tiny.yaml")
+
+
+def _study(out, *extra):
+    return main(["--config", TINY, "--methods", "mocov2", "oracle", "--seeds", "0", "1", "--epochs", "2",
+                 "--out", str(out), *extra])
+
+
+def test_paired_difference_is_a_student_t_interval():
+    d = paired_difference({0: 11.0, 1: 12.0, 2: 16.0}, {0: 10.0, 1: 10.0, 2: 10.0, 3: 9.0})
+    assert d["seeds"] == [0, 1, 2] and d["mean"] == pytest.approx(3.0) and d["std"] == pytest.approx(2.6458, 1e-4)
+    half = 4.302653 * 2.6457513 / math.sqrt(3)  # t_{0.975, 2}
+    assert (d["ci_low"], d["ci_high"]) == pytest.approx((3 - half, 3 + half), 1e-5) and d["in_noise"] is True
+    tight = paired_difference({0: 11.0, 1: 11.1, 2: 10.9}, {0: 10.0, 1: 10.0, 2: 10.0})
+    assert tight["in_noise"] is False and tight["ci_low"] > 0
+    assert paired_difference({0: 1.0}, {0: 0.0})["in_noise"] is None and math.isnan(mean_std([3.0])["std"])
+
+
+def test_study_summarises_skips_and_resumes(tmp_path, capsys):
+    out = tmp_path / "study"
+    assert _study(out) == 0
+    root = out / "scratch"
+    summary = json.loads((root / "summary.json").read_text())
+    m = summary["methods"]
+    assert set(m) == {"mocov2", "oracle"} and m["oracle"]["seeds"] == [0, 1]
+    for k in ("200", "20"):
+        vals = list(m["oracle"][f"knn{k}"]["per_seed"].values())
+        assert m["oracle"][f"knn{k}"]["mean"] == pytest.approx(sum(vals) / 2)
+        ref = m["mocov2"][f"knn{k}"]["per_seed"]
+        diff = [m["oracle"][f"knn{k}"]["per_seed"][s] - ref[s] for s in ref]
+        assert m["oracle"][f"diff{k}"]["mean"] == pytest.approx(sum(diff) / 2)
+    md = (root / "summary.md").read_text()
+    assert "| oracle |" in md and "95 % CI" in md and (root / "knn.png").stat().st_size > 1000
+    first = capsys.readouterr().out
+    assert first.count(": fresh,") == 4
+
+    # simulate an interruption: oracle/seed1 killed after its epoch-1 checkpoint, mocov2/seed1 never started
+    killed = root / "oracle" / "seed1"
+    (killed / "result.json").unlink()
+    shutil.rmtree(killed / "checkpoints" / "step_00000008")
+    lines = [ln for ln in (killed / "metrics.jsonl").read_text().splitlines() if json.loads(ln)["step"] <= 4]
+    (killed / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    shutil.rmtree(root / "mocov2" / "seed1")
+    done = (root / "oracle" / "seed0" / "result.json").stat().st_mtime_ns
+    assert _study(out) == 0
+    log = capsys.readouterr().out
+    assert "[2/4] oracle seed 0: done, skipped" in log and "mocov2 seed 1: fresh" in log
+    assert "oracle seed 1: resumed" in log and log.count("skipped") == 2
+    assert (root / "oracle" / "seed0" / "result.json").stat().st_mtime_ns == done  # not retrained
+    again = json.loads((root / "summary.json").read_text())["methods"]
+    for v in ("mocov2", "oracle"):  # resumed / rerun runs are exact: the same study
+        for k in ("200", "20"):
+            assert again[v][f"knn{k}"]["per_seed"] == m[v][f"knn{k}"]["per_seed"], (v, k)
+    # another budget in the same --out is refused instead of silently reusing the runs
+    assert _study(out, "optim.lr=0.1") == 2
+    assert "trained with other settings" in capsys.readouterr().err
+
+
+def test_warm_protocol_shares_one_base_per_seed(tmp_path, capsys):
+    out = tmp_path / "warm"
+    assert main(["--config", TINY, "--methods", "mocov2", "--seeds", "0", "--epochs", "1", "--protocol", "warm",
+                 "--warm-epochs", "1", "--out", str(out)]) == 0
+    root = out / "warm"
+    base = json.loads((root / "_base" / "seed0" / "result.json").read_text())
+    cont = json.loads((root / "mocov2" / "seed0" / "result.json").read_text())
+    assert base["steps"] == 4 and cont["steps"] == 8  # E0 = 1 epoch of 4 steps, then E1 = 1 more
+    steps = [json.loads(ln)["step"] for ln in (root / "mocov2" / "seed0" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in ln]
+    assert steps == [5, 6, 7, 8]
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--protocol", "warm"], "--warm-epochs"),
+    (["--seeds", "0", "0"], "--seeds"),
+    (["--precisions", "0"], "--precisions"),
+    (["--methods", "byol"], "invalid choice"),
+])
+def test_bad_arguments_are_one_line(tmp_path, capsys, extra, needle):
+    with pytest.raises(SystemExit) as e:
+        _study(tmp_path, *extra)
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_bad_config_and_folders_are_one_line(tmp_path, capsys):
+    assert _study(tmp_path, "optim.lrr=1") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fastcl.study: error:") and "optim.lrr" in err and len(err.splitlines()) == 1
+    assert _study(tmp_path, "data.backend=torch", f"data.path={tmp_path}") == 2
+    assert "--test" in capsys.readouterr().err
+    assert not (tmp_path / "scratch").exists()
