@@ -37,6 +37,9 @@ class DataCfg:
     workers: int = 2  # loader worker processes (torch backend) / threads (ffcv, dali)
     drop_last: bool = True  # drop the incomplete final global batch
     shuffle: bool = True
+    # ffcv backend: once = decode each image once and cut every view from it (pipelines/ffcv_multicrop.py);
+    # per_view = one stock ffcv pipeline per view, decoding once per view (kept for comparison)
+    ffcv_decode: str = "once"
     aug: AugSpec = field(default_factory=AugSpec)
 
 
@@ -377,6 +380,7 @@ def validate(cfg: DictConfig) -> None:
     _need(d.aug.eval_size > 0, "data.aug.eval_size", f"must be > 0, got {d.aug.eval_size}")
     _need(d.backend == "synthetic" or bool(d.path), "data.path", f"backend {d.backend!r} needs data.path")
     _need(d.num_samples > 0, "data.num_samples", f"must be > 0, got {d.num_samples}")
+    _need(d.ffcv_decode in ("once", "per_view"), "data.ffcv_decode", f"{d.ffcv_decode!r} not in once|per_view")
 
 
 def save_config(cfg: DictConfig, path: str) -> None:
