@@ -28,6 +28,7 @@ because of it). docs/BENCHMARKS.md reports how often that applies and whether it
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -115,87 +116,103 @@ class Control:
         self.block[3] = self.key_row.ctypes.data
 
 
-# ---------------------------------------------------------------- pure numba-compilable helpers
+# ---------------------------------------------------------------- numba helpers
 
-@njit(nogil=True, cache=False)
-def mix64(h, p):
-    """One splitmix64 round of `augment.seed_for` (uint64 in, uint64 out)."""
-    h = (h ^ p) * _K1
-    h = (h ^ (h >> _S31)) * _K2
-    return h ^ (h >> _S29)
-
-
-@njit(nogil=True, cache=False)
-def view_key(seed, epoch, sid, view):
-    """uint64 key of one view of one sample = augment.seed_for(seed, epoch, sid, view, FFCV_STREAM)."""
-    h = _H0
-    h = mix64(h, np.uint64(seed))
-    h = mix64(h, np.uint64(epoch))
-    h = mix64(h, np.uint64(sid))
-    h = mix64(h, np.uint64(view))
-    return mix64(h, np.uint64(FFCV_STREAM))
+def compile_helpers() -> SimpleNamespace:
+    """A FRESH set of the numba helpers below (mix64, view_key, uniform, rrc_hashed, dct_numerator, flip_lr,
+    put_i32). Each ffcv Loader compiles its decoder against its own set: numba dispatchers shared by two
+    decoders compiled in different producer threads failed type inference (a KeyError in the dispatcher's
+    overload table) when the second Loader compiled."""
+    def jit(fn):
+        return njit(nogil=True, cache=False)(fn)
 
 
-@njit(nogil=True, cache=False)
-def uniform(key, j):
-    """The j-th uniform [0,1) double of a key's stream."""
-    return float(mix64(key, np.uint64(j)) >> _S11) * _INV53
+    @jit
+    def mix64(h, p):
+        """One splitmix64 round of `augment.seed_for` (uint64 in, uint64 out)."""
+        h = (h ^ p) * _K1
+        h = (h ^ (h >> _S31)) * _K2
+        return h ^ (h >> _S29)
 
 
-@njit(nogil=True, cache=False)
-def rrc_hashed(H, W, s0, s1, lr0, lr1, flip_p, key):
-    """(y0, x0, h, w, flipped) of one view: `augment.rrc_box` semantics with hashed uniforms. H, W: source size."""
-    area = float(H) * float(W)
-    flip = 1 if uniform(key, 40) < flip_p else 0
-    for t in range(10):
-        a = area * (s0 + (s1 - s0) * uniform(key, 4 * t))
-        asp = np.exp(lr0 + (lr1 - lr0) * uniform(key, 4 * t + 1))
-        w = int(round(np.sqrt(a * asp)))
-        h = int(round(np.sqrt(a / asp)))
-        if 0 < w <= W and 0 < h <= H:
-            y0 = min(int(uniform(key, 4 * t + 2) * (H - h + 1)), H - h)
-            x0 = min(int(uniform(key, 4 * t + 3) * (W - w + 1)), W - w)
-            return y0, x0, h, w, flip
-    in_ratio = float(W) / float(H)
-    if in_ratio < np.exp(lr0):
-        w, h = W, int(round(W / np.exp(lr0)))
-    elif in_ratio > np.exp(lr1):
-        w, h = int(round(H * np.exp(lr1))), H
-    else:
-        w, h = W, H
-    return (H - h) // 2, (W - w) // 2, h, w, flip
+    @jit
+    def view_key(seed, epoch, sid, view):
+        """uint64 key of one view of one sample = augment.seed_for(seed, epoch, sid, view, FFCV_STREAM)."""
+        h = _H0
+        h = mix64(h, np.uint64(seed))
+        h = mix64(h, np.uint64(epoch))
+        h = mix64(h, np.uint64(sid))
+        h = mix64(h, np.uint64(view))
+        return mix64(h, np.uint64(FFCV_STREAM))
 
 
-@njit(nogil=True, cache=False)
-def dct_numerator(boxes, sizes, lo, hi):
-    """Smallest n in 1..8 such that every crop v in [lo, hi) keeps >= its output side after scaling by n/8.
-    boxes [V,5] int64 (y0, x0, h, w, flip); sizes [V] int64."""
-    n = 1
-    for v in range(lo, hi):
-        side = min(boxes[v, 2], boxes[v, 3])
-        need = (8 * sizes[v] + side - 1) // side  # ceil(8 S / side)
-        if need > n:
-            n = need
-    return min(n, 8)
+    @jit
+    def uniform(key, j):
+        """The j-th uniform [0,1) double of a key's stream."""
+        return float(mix64(key, np.uint64(j)) >> _S11) * _INV53
 
 
-@njit(nogil=True, cache=False)
-def flip_lr(img):
-    """Mirror an [S,S,3] uint8 image in place (left <-> right)."""
-    S = img.shape[1]
-    for y in range(img.shape[0]):
-        for x in range(S // 2):
-            for c in range(3):
-                t = img[y, x, c]
-                img[y, x, c] = img[y, S - 1 - x, c]
-                img[y, S - 1 - x, c] = t
+    @jit
+    def rrc_hashed(H, W, s0, s1, lr0, lr1, flip_p, key):
+        """(y0, x0, h, w, flipped) of one view: `augment.rrc_box` semantics with hashed uniforms. H, W: source size."""
+        area = float(H) * float(W)
+        flip = 1 if uniform(key, 40) < flip_p else 0
+        for t in range(10):
+            a = area * (s0 + (s1 - s0) * uniform(key, 4 * t))
+            asp = np.exp(lr0 + (lr1 - lr0) * uniform(key, 4 * t + 1))
+            w = int(round(np.sqrt(a * asp)))
+            h = int(round(np.sqrt(a / asp)))
+            if 0 < w <= W and 0 < h <= H:
+                y0 = min(int(uniform(key, 4 * t + 2) * (H - h + 1)), H - h)
+                x0 = min(int(uniform(key, 4 * t + 3) * (W - w + 1)), W - w)
+                return y0, x0, h, w, flip
+        in_ratio = float(W) / float(H)
+        if in_ratio < np.exp(lr0):
+            w, h = W, int(round(W / np.exp(lr0)))
+        elif in_ratio > np.exp(lr1):
+            w, h = int(round(H * np.exp(lr1))), H
+        else:
+            w, h = W, H
+        return (H - h) // 2, (W - w) // 2, h, w, flip
 
 
-@njit(nogil=True, cache=False)
-def put_i32(out, pos, val):
-    """Write a non-negative int as 4 little-endian bytes at out[pos:pos+4]."""
-    for b in range(4):
-        out[pos + b] = (val >> (8 * b)) & 255
+    @jit
+    def dct_numerator(boxes, sizes, lo, hi):
+        """Smallest n in 1..8 such that every crop v in [lo, hi) keeps >= its output side after scaling by n/8.
+        boxes [V,5] int64 (y0, x0, h, w, flip); sizes [V] int64."""
+        n = 1
+        for v in range(lo, hi):
+            side = min(boxes[v, 2], boxes[v, 3])
+            need = (8 * sizes[v] + side - 1) // side  # ceil(8 S / side)
+            if need > n:
+                n = need
+        return min(n, 8)
+
+
+    @jit
+    def flip_lr(img):
+        """Mirror an [S,S,3] uint8 image in place (left <-> right)."""
+        S = img.shape[1]
+        for y in range(img.shape[0]):
+            for x in range(S // 2):
+                for c in range(3):
+                    t = img[y, x, c]
+                    img[y, x, c] = img[y, S - 1 - x, c]
+                    img[y, S - 1 - x, c] = t
+
+
+    @jit
+    def put_i32(out, pos, val):
+        """Write a non-negative int as 4 little-endian bytes at out[pos:pos+4]."""
+        for b in range(4):
+            out[pos + b] = (val >> (8 * b)) & 255
+
+    return SimpleNamespace(mix64=mix64, view_key=view_key, uniform=uniform, rrc_hashed=rrc_hashed,
+                           dct_numerator=dct_numerator, flip_lr=flip_lr, put_i32=put_i32)
+
+
+_PY = compile_helpers()  # the set Python callers (tests) use
+view_key, rrc_hashed = _PY.view_key, _PY.rrc_hashed
 
 
 def _make_operation_class():
@@ -230,8 +247,8 @@ def _make_operation_class():
             my_range = Compiler.get_iterator()
             imdecode_c = Compiler.compile(imdecode)
             resize_c = Compiler.compile(resize_crop)
-            # the helpers are module-level @njit functions: plain calls from the compiled decode below
-            rrc_c, key_c, dct_c, flip_c, put_c = rrc_hashed, view_key, dct_numerator, flip_lr, put_i32
+            hp = compile_helpers()
+            rrc_c, key_c, dct_c, flip_c, put_c = hp.rrc_hashed, hp.view_key, hp.dct_numerator, hp.flip_lr, hp.put_i32
             memcpy = lib.my_memcpy  # ctypes: numba calls it natively
             ctrl_addr, ctrl_bytes = self.control.address, CTRL_LEN * 8
             sizes, geom, offsets = self.sizes, self.geom, np.array(self.lay.offsets, dtype=np.int64)
