@@ -177,6 +177,14 @@ def compile_helpers() -> SimpleNamespace:
 
 
     @jit
+    def center_box(H, W, size, ratio):
+        """(y0, x0, h, w, 0): the eval transform's crop (`eval_data`: shorter side resized to round(size /
+        ratio), center size x size) as a box on the source: side round(min(H, W) size / round(size / ratio))."""
+        short = min(H, W)
+        c = min(short, max(1, int(round(short * size / round(size / ratio)))))
+        return (H - c) // 2, (W - c) // 2, c, c, 0
+
+    @jit
     def dct_numerator(boxes, sizes, lo, hi):
         """Smallest n in 1..8 such that every crop v in [lo, hi) keeps >= its output side after scaling by n/8.
         boxes [V,5] int64 (y0, x0, h, w, flip); sizes [V] int64."""
@@ -208,7 +216,7 @@ def compile_helpers() -> SimpleNamespace:
             out[pos + b] = (val >> (8 * b)) & 255
 
     return SimpleNamespace(mix64=mix64, view_key=view_key, uniform=uniform, rrc_hashed=rrc_hashed,
-                           dct_numerator=dct_numerator, flip_lr=flip_lr, put_i32=put_i32)
+                           center_box=center_box, dct_numerator=dct_numerator, flip_lr=flip_lr, put_i32=put_i32)
 
 
 _PY = compile_helpers()  # the set Python callers (tests) use
@@ -226,8 +234,10 @@ def _make_operation_class():
     class MultiViewDecoder(Operation):
         """Decode once, cut every view (see the module docstring). Output [B, layout.total] uint8."""
 
-        def __init__(self, views, control: Control, dct_scale: bool = False):
+        def __init__(self, views, control: Control, dct_scale: bool = False, center_ratio: float = 0.0):
             super().__init__()
+            # center_ratio > 0: eval mode, every view is the eval transform's center crop (no randomness, no flip)
+            self.center_ratio = float(center_ratio)
             self.lay = layout([v.size for v in views])
             self.sizes = np.array([v.size for v in views], dtype=np.int64)
             self.geom = np.array([[v.scale[0], v.scale[1], np.log(v.ratio[0]), np.log(v.ratio[1]), v.flip_p]
@@ -249,6 +259,7 @@ def _make_operation_class():
             resize_c = Compiler.compile(resize_crop)
             hp = compile_helpers()
             rrc_c, key_c, dct_c, flip_c, put_c = hp.rrc_hashed, hp.view_key, hp.dct_numerator, hp.flip_lr, hp.put_i32
+            center_c, center_ratio = hp.center_box, self.center_ratio
             memcpy = lib.my_memcpy  # ctypes: numba calls it natively
             ctrl_addr, ctrl_bytes = self.control.address, CTRL_LEN * 8
             sizes, geom, offsets = self.sizes, self.geom, np.array(self.lay.offsets, dtype=np.int64)
@@ -274,9 +285,13 @@ def _make_operation_class():
                     boxes = np.empty((n_views, 5), dtype=np.int64)
                     for v in range(n_views):
                         f = metadata[src0 if v == 0 else row]
-                        y0, x0, h, w, fl = rrc_c(np.int64(f["height"]), np.int64(f["width"]), geom[v, 0],
-                                                 geom[v, 1], geom[v, 2], geom[v, 3], geom[v, 4],
-                                                 key_c(seed, epoch, sid, v))
+                        if center_ratio > 0:
+                            y0, x0, h, w, fl = center_c(np.int64(f["height"]), np.int64(f["width"]), sizes[v],
+                                                        center_ratio)
+                        else:
+                            y0, x0, h, w, fl = rrc_c(np.int64(f["height"]), np.int64(f["width"]), geom[v, 0],
+                                                     geom[v, 1], geom[v, 2], geom[v, 3], geom[v, 4],
+                                                     key_c(seed, epoch, sid, v))
                         boxes[v, 0], boxes[v, 1], boxes[v, 2], boxes[v, 3], boxes[v, 4] = y0, x0, h, w, fl
                     nums = np.full(n_views, 8, dtype=np.int64)
                     decodes = 0
@@ -332,9 +347,10 @@ def _make_operation_class():
 _OP_CLASS = None
 
 
-def multi_view_decoder(views, control: Control, dct_scale: bool = False):
-    """An ffcv decoder Operation for the `image` field: decode once, all `views` (ViewSpecs) cut from it."""
+def multi_view_decoder(views, control: Control, dct_scale: bool = False, center_ratio: float = 0.0):
+    """An ffcv decoder Operation for the `image` field: decode once, all `views` (ViewSpecs) cut from it.
+    center_ratio > 0: the eval transform's center crop instead of RandomResizedCrop (embedding passes)."""
     global _OP_CLASS
     if _OP_CLASS is None:
         _OP_CLASS = _make_operation_class()
-    return _OP_CLASS(views, control, dct_scale)
+    return _OP_CLASS(views, control, dct_scale, center_ratio)
