@@ -212,3 +212,67 @@ def build(cfg, rank: int = 0, world: int = 1, device="cpu", split: str = "train"
     return FFCVLoader(split_path(cfg, split), list(d.aug.views), d.aug.mean, d.aug.std,
                       cfg.optim.batch_size // world, rank, world, device, cfg.trainer.seed, d.workers,
                       d.shuffle, d.drop_last, d.max_samples, decode=d.ffcv_decode)
+
+
+# ------------------------------------------------------------------------------------ eval-transform pass
+
+_EVAL_PASSES: dict = {}  # (path, size, ratio, batch, workers, max_samples) -> _EvalPass: compiled once per process
+
+
+class _EvalPass:
+    """A .beton through the eval transform (center crop of ratio * shorter side, resized; decode-once decoder in
+    center mode, DCT-scaled decodes where no crop gets upsampled). One ffcv Loader, compiled at its first use."""
+
+    def __init__(self, path: str, size: int, ratio: float, batch_size: int, workers: int, max_samples: int):
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.pipeline import PipelineSpec
+        from ffcv.transforms import ToTensor
+
+        from fastcl.pipelines.augspec import ViewSpec
+
+        index, _ = read_beton_fields(path)
+        self.rows = _rows_by_id(index, path, max_samples)  # [N] row of id
+        self.control = Control(index)
+        self.layout = layout([size])
+        dec = multi_view_decoder([ViewSpec(size=size, flip_p=0.0)], self.control, dct_scale=True,
+                                 center_ratio=ratio)
+        pipelines = {"image": PipelineSpec("image", decoder=dec, transforms=[ToTensor()]),
+                     "index": [IntDecoder(), ToTensor()], "label": None}
+        self.loader = Loader(path, batch_size=batch_size, num_workers=max(1, workers), order=OrderOption.SEQUENTIAL,
+                             pipelines=pipelines, drop_last=False, batches_ahead=2, os_cache=True)
+        self.order = _EpochRows(self.loader)
+        self.loader.traversal_order = self.order
+        self.loader.first_traversal_order = np.arange(len(index), dtype=np.int64)
+        self.names = list(self.loader.pipeline_specs.keys())
+
+    def batches(self, ids: torch.Tensor):
+        """Yields (uint8 channels-last [B,S,S,3] (a copy), ids [B] int64) for `ids` in order."""
+        self.order.rows = self.rows[ids.numpy()]
+        if len(ids) == 0:
+            return
+        it = iter(self.loader)
+        try:
+            for out in it:
+                named = dict(zip(self.names, out))
+                x = split_views(named["image"], self.layout)[0].clone()  # ffcv reuses its buffers
+                yield x, named["index"].view(-1).to(torch.int64, copy=True)
+        finally:
+            it.close()
+
+
+def ffcv_eval_batches(path: str, aug, batch_size: int, rank: int = 0, world: int = 1, workers: int = 2,
+                      max_samples: int = 0):
+    """`eval_data.eval_batches` for a .beton: this rank's contiguous shard of ids (`arange(N).tensor_split(world)
+    [rank]`) in order. Yields (x float [B,3,S,S] normalized on the CPU, ids [B] int64)."""
+    from fastcl.pipelines.augment import normalize
+
+    size, ratio = int(aug.eval_size), float(aug.eval_resize_ratio)
+    key = (os.path.abspath(path), size, ratio, batch_size, workers, max_samples)
+    if key not in _EVAL_PASSES:
+        _EVAL_PASSES[key] = _EvalPass(path, size, ratio, batch_size, workers, max_samples)
+    ep = _EVAL_PASSES[key]
+    ids = torch.arange(len(ep.rows), dtype=torch.int64).tensor_split(world)[rank]
+    mean, std = tuple(float(m) for m in aug.mean), tuple(float(s) for s in aug.std)
+    for x, got in ep.batches(ids):
+        yield normalize(x.permute(0, 3, 1, 2).float().div_(255.0), mean, std), got

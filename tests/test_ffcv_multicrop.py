@@ -225,3 +225,39 @@ def test_grayscale_png_folder_converts_and_trains_through_ffcv(tmp_path, cifar_f
     assert result["steps"] == 2
     losses = [r["loss"] for r in map(__import__("json").loads, open(tmp_path / "run" / "metrics.jsonl")) if "loss" in r]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+
+
+# ------------------------------------------------------------------------------------------ 2 processes
+
+def test_two_processes_sharded_embed_pass_and_ids_once_per_epoch(tmp_path, cifar_mc, cifar_folder):
+    """torchrun, 2 gloo processes: `embed_dataset` sharded over the ranks (ffcv .beton with the center-crop
+    decoder, dali, torch/PIL) gathers the same [N, D] as the 1-process pass (to 1e-5) on every rank; one epoch of
+    the ffcv training loader gives each id once across the ranks, in the 1-process run's global batches."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location("_dist_embed_worker", os.path.join(here, "_dist_embed_worker.py"))
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    beton, folder = cifar_mc[0], os.path.join(cifar_folder, "train")
+    r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
+                        "--nproc_per_node=2", os.path.join(here, "_dist_embed_worker.py"), str(tmp_path), beton,
+                        folder], capture_output=True, text=True, timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    one = worker.run(beton, folder)  # the 1-process pass, here (no process group)
+    r0, r1 = (torch.load(tmp_path / f"rank{k}.pt", weights_only=False) for k in (0, 1))
+    assert "ffcv" in one["feats"] and set(r0["feats"]) == set(one["feats"])
+    for name, f in one["feats"].items():
+        assert f.shape == (500, 16)
+        assert torch.allclose(r0["feats"][name], f, atol=1e-5, rtol=0), (name, (r0["feats"][name] - f).abs().max())
+        assert torch.equal(r0["feats"][name], r1["feats"][name])  # every rank holds the same gathered features
+    # the ffcv/dali passes read the right image for each id: close to the PIL pass (32 px, crop = whole image)
+    for name in set(one["feats"]) - {"torch"}:
+        cos = (one["feats"][name] * one["feats"]["torch"]).sum(1)
+        assert cos.min() > 0.98, (name, cos.min())
+    n_global = (500 // 64) * 64  # drop_last
+    both = torch.cat([r0["ids"], r1["ids"]])
+    assert len(both) == n_global and len(set(both.tolist())) == n_global
+    assert torch.equal(torch.cat([r0["ids"].view(-1, 32), r1["ids"].view(-1, 32)], 1).view(-1), one["ids"])

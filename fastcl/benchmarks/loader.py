@@ -161,6 +161,24 @@ def _time_epoch(loader, epoch: int, device: str) -> dict:
     return out
 
 
+def _time_embed_pass(backend: str, path: str, a: argparse.Namespace) -> dict:
+    """One un-augmented eval-transform pass (`eval.features._source`, as `embed_dataset` reads, no network) over
+    the benchmark's images at the largest view size: img/s and CPU ms per image."""
+    from fastcl.eval.features import _source
+
+    size = max(v["size"] for v in a.view_list)
+    cfg = _cfg(backend, path, a)
+    cfg.data.aug.eval_size = size
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    n_img = 0
+    n, it = _source(cfg, None, None, a.batch, 0, 1)
+    for x, ids in it:
+        n_img += len(ids)
+    t = time.perf_counter() - t0
+    cpu = cpu_delta(c0, cpu_seconds())
+    return {"img_s": n_img / t, "cpu_ms_per_img": 1000.0 * cpu / max(n_img, 1), "images": n_img}
+
+
 def _build(backend: str, a: argparse.Namespace, tmp: str) -> tuple[object, dict]:
     from fastcl.pipelines import build_loader
 
@@ -205,6 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--size", type=int, default=32, help="side of both views (without --views)")
     p.add_argument("--views", default="", help="e.g. 2x224+6x96: N x side groups; groups after the first are "
                                                f"local crops of scale {LOCAL_SCALE[0]}-{LOCAL_SCALE[1]}")
+    p.add_argument("--embed-pass", action="store_true",
+                   help="also time the eval-transform embedding pass (embed_dataset's reader) of torch, ffcv, dali")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine shared with other jobs)")
     p.add_argument("--batches", type=int, default=8, help="batches per timed epoch")
     p.add_argument("--repeats", type=int, default=5)
@@ -244,6 +264,14 @@ def main(argv: list[str] | None = None) -> dict:
         for r in range(a.repeats):
             for b, ld in loaders.items():
                 runs[b].append(_time_epoch(ld, r + 1, a.device))
+        embed = {}
+        if a.embed_pass:
+            sources = {b: info[b].get("beton", a.data) for b in ("torch", "ffcv", "dali") if b in loaders}
+            for b, path in sources.items():  # warm-up (ffcv: the center-crop decoder's JIT compile)
+                _time_embed_pass(b, path, a)
+            for _ in range(a.repeats):
+                for b, path in sources.items():
+                    embed.setdefault(b, []).append(_time_embed_pass(b, path, a))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -260,6 +288,9 @@ def main(argv: list[str] | None = None) -> dict:
         results[b] = {**info[b], **med, "runs": rs}
     for b in info:
         results.setdefault(b, info[b])
+    for b, rs in embed.items():
+        results[b]["embed_pass"] = {"img_s": statistics.median(x["img_s"] for x in rs),
+                                    "cpu_ms_per_img": statistics.median(x["cpu_ms_per_img"] for x in rs), "runs": rs}
     base = results.get("torch", {}).get("img_s")
     for b, r in results.items():
         if base and "img_s" in r:
@@ -285,6 +316,8 @@ def main(argv: list[str] | None = None) -> dict:
             extra += f", x per_view={r['ratio_vs_ffcv_per_view']:.2f}"
         if "dct_reduced_share" in r:
             extra += f", dct_reduced={100 * r['dct_reduced_share']:.0f}%"
+        if "embed_pass" in r:
+            extra += f", embed pass {r['embed_pass']['img_s']:.0f} img/s {r['embed_pass']['cpu_ms_per_img']:.2f} ms"
         print(f"{b:<14}{r['img_s']:>9.1f}{r.get('ratio_vs_torch', float('nan')):>9.2f}{r['best_img_s']:>11.1f}"
               f"{r.get('best_ratio_vs_torch', float('nan')):>9.2f}{r['cpu_ms_per_img']:>11.2f}"
               f"{r.get('cpu_ratio_vs_torch', float('nan')):>9.2f}{r['first_batch_s']:>12.2f}  {extra}")

@@ -2,7 +2,7 @@
 
 Every `ifnd.refresh_every` epochs rank 0 runs spherical faiss k-means at each cluster count in `ifnd.levels`
 over the SampleTable of EMA keys (`source=table`, no extra pass) or over a fresh embedding pass of the training
-images with the eval transform (`source=pass`), and broadcasts the result. Each epoch only the most confident
+images with the eval transform (`source=pass`, sharded over all ranks), and broadcasts the result. Each epoch only the most confident
 fraction a(e) of each cluster keeps its pseudo-label (acceptance grows linearly after a warm-up: our choice,
 the paper's schedule was not retrievable). A candidate sharing an accepted label with the anchor at ANY level
 is a detected false negative: eliminated from the denominator (`mode=elim`, the paper's main results) or
@@ -26,7 +26,7 @@ class IFND(ContrastiveMethod):
     def __init__(self, cfg, num_samples: int, dim: int):
         super().__init__(cfg, num_samples, dim)
         c = cfg.method.ifnd
-        if c.source == "pass" and cfg.data.backend not in ("torch", "gpu_tensor", "dali", "synthetic"):
+        if c.source == "pass" and cfg.data.backend not in ("torch", "gpu_tensor", "dali", "synthetic", "ffcv"):
             raise ValueError(f"method.ifnd.source=pass re-reads the training images as a folder; data.backend="
                              f"{cfg.data.backend!r} has none: use method.ifnd.source=table")
         if max(c.levels) > num_samples:  # bad-input fix (test_bad_input): fail at setup, not at the first refresh
@@ -58,7 +58,8 @@ class IFND(ContrastiveMethod):
             self.miner.labels.fill_(-1)  # warm-up: plain instance discrimination
             return {"ifnd_rate": 0.0}
         if self.miner.due(epoch):
-            feats = self._features(parts, loader) if dist.rank() == 0 else None
+            # source=pass: embed_dataset is sharded over all ranks (a collective); the table is rank 0's alone
+            feats = self._features(parts, loader) if dist.rank() == 0 or self.table is None else None
             self.miner.refresh(feats, rate, epoch)
         else:
             self.miner.relabel(rate)
