@@ -1,7 +1,7 @@
 """SePP pair mode (view 0 from a semantic partner image, METHODS.md §4.2) on the torch, ffcv and dali backends.
 
-Data: 48 flat-colour images (id i has R = 5 i, G = 250 - 5 i, B = 128), so any crop of any view tells which image
-it was cut from. With crop + flip views and mean 0 / std 1, view 0's colour must be the colour of
+Data: 48 flat-colour images (image c has R = 16 + 32 (c % 8), G = 20 + 40 (c // 8), B = 128: levels far enough
+apart to survive the .beton's JPEG round trip), so any crop of any view tells which image it was cut from. With crop + flip views and mean 0 / std 1, view 0's colour must be the colour of
 `pairs.partner_sources(ids, nbr, rho, seed, epoch)` (the torch backend's seeded draw) and every other view the
 sample's own colour: the three backends put the same partner ids in the same batches, on one rank and on two
 (simulated) ranks, and again after a mid-epoch resume. ffcv also reports two decodes for exactly the samples whose
@@ -29,7 +29,8 @@ def colours(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("pair") / "flat"
     for i in range(N):
         os.makedirs(root / f"c{i % 2}", exist_ok=True)
-        Image.new("RGB", (40 + i % 5, 36), (5 * i, 250 - 5 * i, 128)).save(root / f"c{i % 2}" / f"{i:03d}.png")
+        Image.new("RGB", (40 + i % 5, 36), (16 + 32 * (i % 8), 20 + 40 * (i // 8), 128)).save(
+            root / f"c{i % 2}" / f"{i:03d}.png")
     from fastcl.pipelines.folder import scan_folder
 
     order = scan_folder(str(root))  # id -> file: the colour index of each id
@@ -37,15 +38,17 @@ def colours(tmp_path_factory) -> dict:
     g = torch.Generator().manual_seed(1)
     nbr = torch.randint(0, N, (N, K), generator=g)
     nbr[torch.rand(N, K, generator=g) < 0.3] = -1  # some rows short of partners, a few with none
+    nbr = nbr.sort(1, descending=True).values  # the miners' format: valid partners first, -1 padding last
     return {"root": str(root), "colour_of_id": colour_of_id, "nbr": nbr}
 
 
 def source_of(view: torch.Tensor, colour_of_id: torch.Tensor) -> torch.Tensor:
     """[B,3,S,S] (pixel / 255) -> the id whose flat colour the view shows [B]."""
-    r = (view[:, 0].mean((1, 2)) * 255 / 5).round().long()
+    px = view[:, :2].mean((2, 3)) * 255
+    c = ((px[:, 0] - 16) / 32).round().long().clamp(0, 7) + 8 * ((px[:, 1] - 20) / 40).round().long().clamp(0, 5)
     id_of_colour = torch.empty_like(colour_of_id)
     id_of_colour[colour_of_id] = torch.arange(len(colour_of_id))
-    return id_of_colour[r.clamp(0, N - 1)]
+    return id_of_colour[c]
 
 
 def check_epoch(loader, data: dict, epoch: int, start: int = 0) -> list[torch.Tensor]:
