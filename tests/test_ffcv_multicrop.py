@@ -261,3 +261,22 @@ def test_two_processes_sharded_embed_pass_and_ids_once_per_epoch(tmp_path, cifar
     both = torch.cat([r0["ids"], r1["ids"]])
     assert len(both) == n_global and len(set(both.tolist())) == n_global
     assert torch.equal(torch.cat([r0["ids"].view(-1, 32), r1["ids"].view(-1, 32)], 1).view(-1), one["ids"])
+
+
+def test_ifnd_source_pass_trains_on_ffcv(tmp_path, cifar_mc):
+    """IFND `source=pass` re-embeds the training images through the .beton (center-crop decode-once pass) and
+    clusters them: accepted pseudo-labels after the warm-up epoch."""
+    import json
+
+    from fastcl.config import load_config
+    from fastcl.train import train
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = tmp_path / "ifnd"
+    train(load_config(os.path.join(repo, "configs/test/tiny.yaml"),
+                      ["data.backend=ffcv", f"data.path={cifar_mc[0]}", "data.workers=1", "data.max_samples=64",
+                       "method.name=ifnd", "method.ifnd.source=pass", "method.ifnd.levels=[4,8]",
+                       "method.ifnd.warmup_epochs=1", f"trainer.run_dir={run}", "trainer.epochs=2"]))
+    recs = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    accepted = [r["ifnd_accepted"] for r in recs if "ifnd_accepted" in r]
+    assert accepted and accepted[-1] == 1.0  # a(E) = 1: every sample of the 64 carries a pseudo-label
