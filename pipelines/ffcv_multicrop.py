@@ -263,10 +263,15 @@ def _make_operation_class():
             memcpy = lib.my_memcpy  # ctypes: numba calls it natively
             ctrl_addr, ctrl_bytes = self.control.address, CTRL_LEN * 8
             sizes, geom, offsets = self.sizes, self.geom, np.array(self.lay.offsets, dtype=np.int64)
-            n_views, meta_off, dct_scale = len(self.sizes), self.lay.meta_offset, self.dct_scale
+            n_views, dct_scale = len(self.sizes), self.dct_scale
+            # constants read from an array are typed int64, not Literal[int]: numba's dispatcher finalizer
+            # raised KeyErrors at exit over overloads typed with literal arguments
+            consts = np.array([0, 8, self.lay.meta_offset], dtype=np.int64)
 
             def decode(batch_indices, my_storage, metadata, storage_state):
                 destination, temp_storage = my_storage
+                zero, eight, meta_off = consts[0], consts[1], consts[2]
+                no = zero != zero
                 ctrl = np.empty(CTRL_LEN, dtype=np.int64)
                 memcpy(ctrl_addr, ctrl.ctypes.data, ctrl_bytes)
                 seed, epoch, ids_addr, key_addr = ctrl[0], ctrl[1], ctrl[2], ctrl[3]
@@ -303,13 +308,13 @@ def _make_operation_class():
                         f = metadata[src]
                         H, W = np.int64(f["height"]), np.int64(f["width"])
                         data = mem_read(f["data_ptr"], storage_state)
-                        num = 8
+                        num = eight
                         if f["mode"] == jpg:
                             if dct_scale:
                                 num = dct_c(boxes, sizes, lo, hi)
                             Hs, Ws = (H * num + 7) // 8, (W * num + 7) // 8
                             buf = temp[:Hs * Ws * 3]
-                            imdecode_c(data, buf, H, W, H, W, 0, 0, num, 8, False, False)
+                            imdecode_c(data, buf, H, W, H, W, zero, zero, num, eight, no, no)
                             decodes += 1
                             img = buf.reshape(Hs, Ws, 3)
                         else:
@@ -319,7 +324,7 @@ def _make_operation_class():
                             y0, x0, h, w = boxes[v, 0], boxes[v, 1], boxes[v, 2], boxes[v, 3]
                             if num < 8:  # the same box on the n/8-scaled image, edges rounded
                                 ya, xa = (y0 * num + 4) // 8, (x0 * num + 4) // 8
-                                yb = max(min((( y0 + h) * num + 4) // 8, Hs), ya + 1)
+                                yb = max(min(((y0 + h) * num + 4) // 8, Hs), ya + 1)
                                 xb = max(min(((x0 + w) * num + 4) // 8, Ws), xa + 1)
                             else:
                                 ya, xa, yb, xb = y0, x0, y0 + h, x0 + w
