@@ -13,7 +13,7 @@ The rest of the recipe (colour jitter, grayscale, blur, solarize, normalize) is 
 training device, the same code the torch backend runs. `label` and `index` go through IntDecoder.
 
 Sharding and order: ffcv's own `distributed=True` is unreliable (EXPECTATIONS §16), so ONE ffcv Loader is
-built (its first epoch JIT-compiles for 20-38 s; later epochs reuse the compiled code) and its traversal order
+built (its first epoch JIT-compiles: ~5-10 s decode=once, 20-38 s per_view; later epochs reuse the code) and its traversal order
 is replaced by `_EpochRows`, which hands ffcv this rank's rows for the current epoch: the ids of
 `shard_indices(N, per_rank_batch, rank, world, seed, epoch)` (through the same `ShardBatchSampler` as the torch
 backend, so both backends put the same ids in the same batches) mapped to .beton rows. Each id is therefore
