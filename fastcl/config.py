@@ -40,6 +40,9 @@ class DataCfg:
     workers: int = 2  # loader worker processes (torch backend) / threads (ffcv, dali)
     drop_last: bool = True  # drop the incomplete final global batch
     shuffle: bool = True
+    # ffcv backend: once = decode each image once and cut every view from it (pipelines/ffcv_multicrop.py);
+    # per_view = one stock ffcv pipeline per view, decoding once per view (kept for comparison)
+    ffcv_decode: str = "once"
     aug: AugSpec = field(default_factory=AugSpec)
 
 
@@ -345,6 +348,7 @@ def validate(cfg: DictConfig) -> None:
     _need(d.classes is None or isinstance(d.classes, (str, ListConfig)), "data.classes",
           f"a list of class folder names or the path of a class-list file, got {d.classes!r}")
     _need(d.num_samples > 0, "data.num_samples", f"must be > 0, got {d.num_samples}")
+    _need(d.ffcv_decode in ("once", "per_view"), "data.ffcv_decode", f"{d.ffcv_decode!r} not in once|per_view")
 
 
 def save_config(cfg: DictConfig, path: str) -> None:

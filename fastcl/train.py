@@ -325,9 +325,10 @@ def diagnose(method, logs: dict, loader) -> dict:
 
 
 def embed_pass(cfg, loader, net):
-    """A function returning [N, D] eval-transform features of every training image by `net` (IFND source=pass;
-    rank 0: the teacher when there is one, else the student's encoder); None where the backend has no such pass."""
-    if cfg.data.backend not in ("torch", "gpu_tensor", "dali", "synthetic"):
+    """A function returning [N, D] eval-transform features of every training image by `net` (IFND source=pass:
+    the teacher when there is one, else the student's encoder); a collective, sharded over every rank
+    (fastcl.eval.features.embed_dataset). None where the backend has no such pass."""
+    if cfg.data.backend not in ("torch", "gpu_tensor", "dali", "synthetic", "ffcv"):
         return None
 
     def run():

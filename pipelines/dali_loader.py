@@ -21,6 +21,9 @@ dropped tail under drop_last), with `random_shuffle=False`, `num_shards=1`. The 
 copies of the last sample (`pad_last_batch`); those copies are cut off (the iterator knows the reader's epoch
 size, and the loader checks the count), so ids stay unique. Rebuilding costs well under a second per epoch.
 
+SePP pair mode (`set_key_partners`): a second reader over this epoch's key sources (`ShardedLoader.key_source`,
+the seeded draw the torch backend makes per id) runs in lockstep with the first; view 0 is cut from its images.
+
 Randomness: the pipeline seed is `seed_for(seed, epoch, rank, first batch)`, so augmentations differ per rank
 and epoch and a run is reproducible on the same DALI version and device kind.
 """
@@ -89,11 +92,15 @@ def _view_graph(images, spec: ViewSpec, mean, std, fn, types, dmath):
 
 def build_pipeline(files: list[str], labels_or_ids: list[int], views: list[ViewSpec], mean, std, batch_size: int,
                    shard_id: int, num_shards: int, seed: int, device_id: int | None, num_threads: int = 2,
-                   random_shuffle: bool = False, prefetch_queue_depth: int = 2):
-    """The DALI graph (built, not yet run). Outputs: one CHW float [B,3,S,S] per view, then ids int32 [B,1].
+                   random_shuffle: bool = False, prefetch_queue_depth: int = 2,
+                   key_files: list[str] | None = None, key_ids: list[int] | None = None):
+    """The DALI graph (built, not yet run). Outputs: one CHW float [B,3,S,S] per view, then ids int32 [B,1]
+    (then, with key_files, the key view's source ids int32 [B,1]).
 
     files / labels_or_ids: the reader's list (labels = global sample ids). device_id None: everything on the
     CPU (decoders.image device="cpu"); an int: "mixed" decoding and GPU ops on that device.
+    key_files / key_ids (SePP pair mode): a second reader over the same number of files in lockstep with the
+    first (same order, no shuffle, same padding); view 0 is cut from its images, the other views from the first's.
     """
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali import math as dmath
@@ -107,7 +114,14 @@ def build_pipeline(files: list[str], labels_or_ids: list[int], views: list[ViewS
                                      num_shards=num_shards, random_shuffle=random_shuffle, pad_last_batch=True,
                                      name="Reader")
         images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
-        return (*[_view_graph(images, v, mean, std, fn, types, dmath) for v in views], ids)
+        if key_files is None:
+            return (*[_view_graph(images, v, mean, std, fn, types, dmath) for v in views], ids)
+        kjpegs, kids = fn.readers.file(files=list(key_files), labels=[int(i) for i in key_ids], shard_id=shard_id,
+                                       num_shards=num_shards, random_shuffle=False, pad_last_batch=True,
+                                       name="KeyReader")
+        keys = fn.decoders.image(kjpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        return (*[_view_graph(keys if v == 0 else images, spec, mean, std, fn, types, dmath)
+                  for v, spec in enumerate(views)], ids, kids)
 
     pipe = graph(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed % (2**31),
                  prefetch_queue_depth=prefetch_queue_depth)
@@ -133,21 +147,20 @@ class DALILoader(ShardedLoader):  # length, epochs, mid-epoch resume
         self.device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         self.batch_size = batch_size
 
-    def set_key_partners(self, nbr, rho: float) -> None:
-        # bad-input fix (tests/test_bad_input.py): ShardedLoader's version stores the partners, which this backend
-        # never reads (view 0 always comes from the sample itself): SePP pair mode silently trained as plain MoCo
-        raise ValueError("method.sepp.mode=pair needs a backend that draws the key view from a partner image "
-                         "(torch, gpu_tensor, synthetic); data.backend='dali' cannot: use method.sepp.mode=multi")
+    last_key_ids: torch.Tensor | None = None  # SePP pair mode: source ids [B] of view 0 in the last batch
 
     def epoch_pipeline(self, ids: torch.Tensor):
-        """A DALI pipeline whose reader yields exactly `ids` (this rank's, in order) once."""
+        """A DALI pipeline whose reader yields exactly `ids` (this rank's, in order) once; in SePP pair mode a
+        second reader yields their key sources `key_source(ids)` (the torch backend's seeded draw) in lockstep."""
         from fastcl.pipelines.augment import seed_for
 
         pseed = seed_for(self.seed, self.sampler.epoch, self.rank, self.batches_done, DALI_STREAM)
         id_list = ids.tolist()
+        key = None if self.key_partners is None else self.key_source(ids).tolist()
         return build_pipeline([self.paths[i] for i in id_list], id_list, self.views, self.mean, self.std,
                               self.batch_size, shard_id=0, num_shards=1, seed=pseed, device_id=self.device_id,
-                              num_threads=self.workers)
+                              num_threads=self.workers, key_files=None if key is None else [self.paths[i] for i in key],
+                              key_ids=key)
 
     def __iter__(self):
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
@@ -159,7 +172,8 @@ class DALILoader(ShardedLoader):  # length, epochs, mid-epoch resume
             return
         ids = torch.cat(batches)
         pipe = self.epoch_pipeline(ids)
-        names = [f"view{v}" for v in range(len(self.views))] + ["id"]
+        pair = self.key_partners is not None
+        names = [f"view{v}" for v in range(len(self.views))] + ["id"] + (["key_id"] if pair else [])
         # reader_name: the iterator takes the epoch size from the reader and, with PARTIAL, returns the last
         # batch without the reader's padding copies
         it = DALIGenericIterator(pipe, names, reader_name="Reader", last_batch_policy=LastBatchPolicy.PARTIAL,
@@ -174,6 +188,11 @@ class DALILoader(ShardedLoader):  # length, epochs, mid-epoch resume
                 if n != len(index) or not torch.equal(index[:n].cpu(), expect):
                     raise RuntimeError(f"dali backend: reader returned ids {index[:8].tolist()}... where "
                                        f"{expect[:8].tolist()}... were expected (batch {k}, {path_hint(self)})")
+                if pair:  # the key reader must be in lockstep with the anchors: its ids are the seeded draw
+                    key = d["key_id"].view(-1).to(torch.int64)[:n].cpu()
+                    if not torch.equal(key, self.key_source(expect)):
+                        raise RuntimeError(f"dali backend: key reader out of step with the anchors (batch {k})")
+                    self.last_key_ids = key
                 seen += n
                 views = tuple(d[f"view{v}"][:n].to(dev, non_blocking=True) for v in range(len(self.views)))
                 self.batches_done = k + 1
@@ -194,3 +213,43 @@ def build(cfg, rank: int = 0, world: int = 1, device="cpu", split: str = "train"
     return DALILoader(split_path(cfg, split), list(d.aug.views), d.aug.mean, d.aug.std,
                       cfg.optim.batch_size // world, rank, world, device, cfg.trainer.seed, d.workers,
                       d.shuffle, d.drop_last, d.max_samples, cfg_classes(cfg))
+
+
+def dali_eval_batches(path: str, aug, batch_size: int, rank: int = 0, world: int = 1, workers: int = 2,
+                      max_samples: int = 0, device_id: int | None = None, classes: list[str] | None = None):
+    """`eval_data.eval_batches` through DALI: this rank's contiguous shard of ids (`arange(N).tensor_split(world)
+    [rank]`, scan_folder order) in order; decode -> shorter side resized to round(eval_size / eval_resize_ratio)
+    (linear, antialiased) -> center crop eval_size -> normalize. Yields (x float [B,3,S,S], ids [B] int64).
+    device_id None: the CPU graph; an int: mixed decoding on that GPU (x on it)."""
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    index = scan_folder(path, max_samples, classes)  # classes: data.classes subset (folder.py)
+    ids = torch.arange(len(index), dtype=torch.int64).tensor_split(world)[rank]
+    if len(ids) == 0:
+        return
+    size = int(aug.eval_size)
+    short = int(round(size / float(aug.eval_resize_ratio)))
+    id_list = ids.tolist()
+
+    @pipeline_def
+    def graph():
+        # labels = global ids (as in the training graph): they survive the reader untouched
+        jpegs, lab = fn.readers.file(files=[index.paths[i] for i in id_list], labels=id_list, random_shuffle=False,
+                                     pad_last_batch=True, name="Reader")
+        img = fn.decoders.image(jpegs, device="cpu" if device_id is None else "mixed", output_type=types.RGB)
+        img = fn.resize(img, resize_shorter=short, interp_type=types.INTERP_LINEAR, antialias=True)
+        x = fn.crop_mirror_normalize(img, crop=(size, size), dtype=types.FLOAT, output_layout="CHW",
+                                     mean=[255.0 * float(m) for m in aug.mean], std=[255.0 * float(s) for s in aug.std])
+        return x, lab
+
+    pipe = graph(batch_size=batch_size, num_threads=max(1, workers), device_id=device_id, seed=0)
+    pipe.build()
+    it = DALIGenericIterator(pipe, ["x", "id"], reader_name="Reader", last_batch_policy=LastBatchPolicy.PARTIAL,
+                             auto_reset=False)
+    try:
+        for out in it:
+            yield out[0]["x"], out[0]["id"].view(-1).to(torch.int64).cpu()
+    finally:
+        del it, pipe

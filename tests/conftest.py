@@ -9,8 +9,9 @@ sessions; a folder appears only complete (built in a temp dir, then renamed), so
 Tests that need them FAIL when the tarballs are absent, naming the path (set FASTCL_SHARED_DATA to their folder):
 a missing data folder must not turn into a green run that skipped the real-image tests.
 - `ffcv_dali_data` (session): the mixed folder (CIFAR train subset + a `zz_coord` class of coordinate-map
-  PNGs), its .beton and the session's ONE ffcv loader, shared by tests/test_ffcv_dali.py and
-  tests/test_parity.py (FFCV JIT-compiles every new Loader for 20-38 s). The dict also carries the constants
+  PNGs), its .beton and the session's ONE ffcv loader (data.ffcv_decode=once, the default), shared by
+  tests/test_ffcv_dali.py and tests/test_parity.py (FFCV JIT-compiles every new Loader: ~5 s for the decode-once
+  decoder, 20-38 s for the stock per-view pipelines), plus `ffcv_per_view()`, that path's loader built on demand. The dict also carries the constants
   and `make_cfg` those tests build their loaders with.
 
 Threads: tests run torch with ONE intra-op thread (override with FASTCL_TEST_THREADS). On a 2-core machine
@@ -184,4 +185,16 @@ def ffcv_dali_data(tmp_path_factory, cifar_folder) -> dict:
         beton = os.path.join(tmp_root, "mixed.beton")
         convert(root, beton, write_mode="raw", workers=2, progress=False)
         out.update(beton=beton, ffcv=build_loader(make_cfg("ffcv", beton), 0, 1, "cpu"))
+        per_view = []
+
+        def ffcv_per_view():
+            """The stock one-pipeline-per-view path (data.ffcv_decode=per_view), built on first use (its JIT
+            compile takes ~20 s)."""
+            if not per_view:
+                cfg = make_cfg("ffcv", beton)
+                cfg.data.ffcv_decode = "per_view"
+                per_view.append(build_loader(cfg, 0, 1, "cpu"))
+            return per_view[0]
+
+        out["ffcv_per_view"] = ffcv_per_view
     return out

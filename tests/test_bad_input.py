@@ -228,10 +228,12 @@ TRAIN_CASES = [
      ["method.sepp.table_path", "{missing}.npz"], "fresh", ()),
     ("sepp_table_other_dataset", ["method.name=sepp", "method.sepp.table_path={table16}"],
      ["method.sepp.table_path={table16}", "N=16", "64 samples"], "fresh", ()),
-    ("sepp_pair_mode_on_dali", ["data.backend=dali", "data.path={small}", "method.queue_size=0", "method.name=sepp",
-                                "method.sepp.table_path={table16}"], ["method.sepp.mode=pair", "dali"], "fresh", DALI),
-    ("sepp_pair_mode_on_ffcv", ["data.backend=ffcv", "data.path={beton}", "method.queue_size=0", "method.name=sepp",
-                                "method.sepp.table_path={table16}"], ["method.sepp.mode=pair", "ffcv"], "fresh", FFCV),
+    # SePP pair mode runs on torch, gpu_tensor, synthetic, dali and ffcv's decode-once path
+    # (tests/test_sepp_pair_backends.py); the per-view ffcv path cannot cut view 0 from another image
+    ("sepp_pair_mode_on_ffcv_per_view", ["data.backend=ffcv", "data.path={beton}", "data.ffcv_decode=per_view",
+                                         "method.queue_size=0", "method.name=sepp", "method.sepp.table_path={table16}"],
+     ["method.sepp.mode=pair", "ffcv_decode=once"], "fresh", FFCV),
+    ("ffcv_decode_unknown", ["data.ffcv_decode=twice"], ["data.ffcv_decode", "twice"], "fresh", ()),
     # config files
     ("config_missing", ["--config", "{missing}.yaml"], ["{missing}.yaml"], "fresh", ()),
     ("config_broken_yaml", ["--config", "{yaml_broken}"], ["{yaml_broken}", "invalid YAML", "line 2"], "fresh", ()),

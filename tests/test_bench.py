@@ -128,3 +128,32 @@ def test_step_bench_compares_encode_once_with_per_pair(tmp_path):
     assert (pp["student_images_per_sample"], pp["teacher_images_per_sample"]) == (10, 10)
     assert (pp["student_forwards_per_step"], pp["teacher_forwards_per_step"]) == (10, 10)
     assert once["speedup_vs_per_pair"] == pytest.approx(pp["median_s_per_step"] / once["median_s_per_step"])
+
+
+def test_loader_bench_views_and_cpu_time_counts_live_children():
+    """--views groups (later groups are local crops) and the CPU-ms-per-image clock: a live child process's CPU
+    time (a persistent DataLoader worker) counts, as does this process's own."""
+    import subprocess
+    import sys
+    import time
+
+    from fastcl.benchmarks.loader import LOCAL_SCALE, _proc_cpu_s, cpu_delta, cpu_seconds, parse_views
+
+    v = parse_views("2x224+6x96", 32)
+    assert [x["size"] for x in v] == [224] * 2 + [96] * 6 and "scale" not in v[0] and v[2]["scale"] == list(LOCAL_SCALE)
+    assert parse_views("", 32) == [{"size": 32}] * 2
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                              "while time.process_time() - t < 0.6: pass\ntime.sleep(30)"])
+    try:
+        a = cpu_seconds()
+        t0 = time.process_time()
+        while time.process_time() - t0 < 0.2:  # this process burns 0.2 s too
+            pass
+        deadline = time.time() + 30
+        while _proc_cpu_s(child.pid) < 0.6 and time.time() < deadline:  # the child burns its 0.6 s, stays alive
+            time.sleep(0.05)
+        spent = cpu_delta(a, cpu_seconds())
+    finally:
+        child.kill()
+        child.wait()
+    assert 0.7 < spent < 2.5, spent  # >= 0.2 own + ~0.6 child (minus its start-up before the first sample)

@@ -44,7 +44,10 @@ def data(ffcv_dali_data) -> dict:
 def _loader(backend: str, data: dict):
     if backend == "ffcv":
         pytest.importorskip("ffcv")
-        return data["ffcv"]
+        return data["ffcv"]  # data.ffcv_decode=once (pipelines/ffcv_multicrop.py)
+    if backend == "ffcv_per_view":
+        pytest.importorskip("ffcv")
+        return data["ffcv_per_view"]()
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
     return build_loader(data["make_cfg"](backend, data["root"], data["batch"], False,
@@ -77,7 +80,7 @@ def collect(loader, coord_label: int) -> dict:
 def views(data) -> dict:
     coord_label = data["scan"].classes.index("zz_coord")
     out = {}
-    for backend in ("torch", "ffcv", "dali"):
+    for backend in ("torch", "ffcv", "ffcv_per_view", "dali"):
         try:
             out[backend] = collect(_loader(backend, data), coord_label)
         except pytest.skip.Exception:
@@ -98,7 +101,7 @@ def ks_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(np.abs(np.searchsorted(a, grid, "right") / len(a) - np.searchsorted(b, grid, "right") / len(b)).max())
 
 
-@pytest.mark.parametrize("backend", ["torch", "ffcv", "dali"])
+@pytest.mark.parametrize("backend", ["torch", "ffcv", "ffcv_per_view", "dali"])
 def test_crop_area_aspect_and_flip_match_torchvision(views, backend):
     if backend not in views:
         pytest.skip(f"{backend} not installed")

@@ -1,9 +1,76 @@
 """Embedding passes over a whole dataset with the eval transform (IFND source=pass, SePP mining, probes)."""
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from fastcl import dist
+
+
+def shard_ids(n: int, rank: int, world: int) -> Tensor:
+    """The ids [n_r] int64 rank r embeds: the contiguous shard arange(n).tensor_split(world)[rank]."""
+    return torch.arange(n, dtype=torch.int64).tensor_split(world)[rank]
+
+
+def _is_beton(cfg, path: str | None) -> bool:
+    return str(path or cfg.data.path).endswith(".beton")
+
+
+def _source(cfg, loader, path: str | None, batch_size: int, rank: int, world: int
+            ) -> tuple[int, Iterator[tuple[Tensor, Tensor]]]:
+    """(N, iterator of (x float [B,3,S,S] normalized, ids [B]) over this rank's shard) through the run's own
+    backend where it has an eval path: ffcv (.beton, center-crop decode-once decoder), dali (a DALI graph),
+    synthetic (its fixed images); otherwise the image folder through PIL (`eval_batches`)."""
+    d = cfg.data
+    if d.backend == "synthetic" and path is None:
+        from fastcl.pipelines.augment import normalize as norm_img
+
+        n = loader.num_samples
+
+        def synth():
+            for ids in shard_ids(n, rank, world).split(batch_size):
+                yield norm_img(loader.images(ids, d.aug.eval_size), d.aug.mean, d.aug.std), ids
+        return n, synth()
+    if _is_beton(cfg, path):
+        from fastcl.pipelines.ffcv_loader import _rows_by_id, ffcv_eval_batches, read_beton_fields
+
+        beton = path or d.path
+        n = len(_rows_by_id(read_beton_fields(beton)[0], beton, d.max_samples))
+        return n, ffcv_eval_batches(beton, d.aug, batch_size, rank, world, d.workers, d.max_samples)
+    from fastcl.pipelines.folder import cfg_classes, scan_folder
+
+    root = path or d.path
+    classes = cfg_classes(cfg)  # data.classes: the training ids of a class subset
+    n = len(scan_folder(root, d.max_samples, classes).paths)
+    if d.backend == "dali" and path is None:
+        from fastcl.pipelines.dali_loader import dali_eval_batches
+
+        return n, dali_eval_batches(root, d.aug, batch_size, rank, world, d.workers, d.max_samples, classes=classes)
+    from fastcl.pipelines.eval_data import eval_batches
+
+    it = eval_batches(root, d.aug, batch_size, rank, world, workers=d.workers, max_samples=d.max_samples,
+                      classes=classes)
+    return n, ((x, ids) for x, _, ids in it)
+
+
+def gather_by_id(feats: Tensor, ids: Tensor, n: int, world: int) -> Tensor:
+    """Every rank's (feats [n_r, D], ids [n_r]) -> [n, D] on the CPU, row = id. Collective when world > 1 (the
+    shards of `shard_ids` differ by at most one row: each is padded to ceil(n / world) for the all-gather)."""
+    out = torch.zeros(n, feats.shape[1])
+    if world == 1:
+        out[ids.cpu()] = feats.cpu()
+        return out
+    m = -(-n // world)
+    pad_f = torch.zeros(m, feats.shape[1], dtype=feats.dtype, device=feats.device)
+    pad_i = torch.full((m,), -1, dtype=torch.int64, device=feats.device)
+    pad_f[:len(ids)], pad_i[:len(ids)] = feats, ids.to(feats.device)
+    all_f, all_i = dist.gather(pad_f).cpu(), dist.gather(pad_i).cpu()
+    keep = all_i >= 0
+    out[all_i[keep]] = all_f[keep]
+    return out
 
 
 @torch.no_grad()
@@ -11,41 +78,32 @@ def embed_dataset(net: nn.Module, cfg, loader=None, path: str | None = None, bat
                   normalize: bool = True, progress: bool = False) -> Tensor:
     """Features [N, D] (CPU, row = global sample id) of every training image, un-augmented.
 
-    Image folders go through `eval_batches` (resize + center crop, ids in scan_folder order = the training ids);
-    the synthetic backend embeds its fixed images. `net` runs in eval mode (BN running statistics).
+    Sharded over all ranks: with torch.distributed initialized this is a COLLECTIVE (every rank calls it); rank r
+    embeds `shard_ids(N, r, W)` and the shards are all-gathered by id, so every rank returns the same full
+    [N, D] (equal to the 1-process pass up to float rounding). Images come through the run's own backend
+    (`_source`): the .beton for ffcv, a DALI graph for dali, the fixed images for synthetic, else the folder
+    through PIL (`eval_batches`: resize + center crop, ids in scan_folder order = the training ids); `path`
+    overrides the training data (a folder, or a .beton). `net` runs in eval mode (BN running statistics).
     """
     from tqdm import tqdm
 
     device = next(net.parameters()).device
+    rank, world = dist.rank(), dist.world_size()
     was_training = net.training
     net.eval()
-    out: Tensor | None = None
-
-    def put(feats: Tensor, ids: Tensor, n: int) -> None:
-        nonlocal out
-        feats = F.normalize(feats.float(), dim=1) if normalize else feats.float()
-        if out is None:
-            out = torch.zeros(n, feats.shape[1])
-        out[ids.cpu()] = feats.cpu()
-
-    if cfg.data.backend == "synthetic":
-        from fastcl.pipelines.augment import normalize as norm_img
-
-        n = loader.num_samples
-        for s in range(0, n, batch_size):
-            ids = torch.arange(s, min(s + batch_size, n), device=device)
-            x = norm_img(loader.images(ids, cfg.data.aug.eval_size), cfg.data.aug.mean, cfg.data.aug.std)
-            put(net(x), ids, n)
-    else:
-        from fastcl.pipelines.eval_data import eval_batches
-        from fastcl.pipelines.folder import cfg_classes, scan_folder
-
-        root = path or cfg.data.path
-        classes = cfg_classes(cfg)  # data.classes: the training ids of a class subset
-        n = len(scan_folder(root, cfg.data.max_samples, classes).paths)
-        it = eval_batches(root, cfg.data.aug, batch_size, workers=cfg.data.workers, max_samples=cfg.data.max_samples,
-                          classes=classes)
-        for x, _, ids in tqdm(it, total=-(-n // batch_size), disable=not progress, desc="embedding"):
-            put(net(x.to(device)), ids, n)
+    n, batches = _source(cfg, loader, path, batch_size, rank, world)
+    if n < world:
+        raise ValueError(f"embed_dataset: {n} images cannot be sharded over {world} ranks")
+    feats, ids = [], []
+    for x, i in tqdm(batches, total=-(-len(shard_ids(n, rank, world)) // batch_size), disable=not progress,
+                     desc="embedding"):
+        f = net(x.to(device)).float()
+        feats.append(F.normalize(f, dim=1) if normalize else f)
+        ids.append(i.to(torch.int64))
     net.train(was_training)
-    return out
+    local_f = torch.cat(feats) if feats else torch.zeros(0, 1, device=device)
+    local_i = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int64)
+    if not torch.equal(local_i.cpu(), shard_ids(n, rank, world)):
+        raise RuntimeError(f"embed_dataset: rank {rank} embedded {len(local_i)} ids that are not its shard "
+                           f"({len(shard_ids(n, rank, world))} ids)")
+    return gather_by_id(local_f, local_i, n, world)

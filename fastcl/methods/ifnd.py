@@ -2,8 +2,8 @@
 
 Every `ifnd.refresh_every` epochs rank 0 runs spherical faiss k-means at each cluster count in `ifnd.levels`
 over the SampleTable of EMA keys (`source=table`, no extra pass) or over a fresh embedding pass of the training
-images with the eval transform (`source=pass`), and broadcasts the result. Each epoch only the most confident
-fraction a(e) of each cluster keeps its pseudo-label (acceptance grows linearly after a warm-up: our choice,
+images with the eval transform (`source=pass`, sharded over all ranks), and broadcasts the result. Each epoch only
+the most confident fraction a(e) of each cluster keeps its pseudo-label (acceptance grows linearly after a warm-up: our choice,
 the paper's schedule was not retrievable). A candidate sharing an accepted label with the anchor is a detected
 false negative: eliminated from the denominator (`mode=elim`, the paper's main results) or attracted as an extra
 positive (`mode=attr`). The positive is never masked. How the levels combine (`ifnd.hierarchy`, the paper's
@@ -142,7 +142,8 @@ class IFND(ContrastiveMethod):
             self.miner.labels.fill_(-1)  # warm-up: plain instance discrimination
             return {"ifnd_rate": 0.0}
         if self.miner.due(epoch):
-            feats = self._features(parts) if dist.rank() == 0 else None
+            # source=pass: embed_dataset is sharded over all ranks (a collective); the table is rank 0's alone
+            feats = self._features(parts) if dist.rank() == 0 or self.table is None else None
             self.miner.refresh(feats, rate, epoch)
         else:
             self.miner.relabel(rate)
