@@ -113,7 +113,8 @@ def _reference_loss(parts, batch, sc, step):
     ["method.name=sane"],
     ["method.name=sane", "method.symmetric=true"],
     ["method.name=mocov2", "method.symmetric=true"],
-], ids=["sce_sym", "sane", "sane_sym", "mocov2_sym"])
+    ["method.name=sane", "model.bn_splits=4", "model.sync_bn=false"],
+], ids=["sce_sym", "sane", "sane_sym", "mocov2_sym", "sane_split_bn"])
 def test_pair_losses_equal_the_per_pair_computation(tmp_path, over):
     """Cached embeddings change nothing: with every view at its own size (so that each view is its own BN group,
     as in a per-pair forward) the step's loss equals the per-pair reference to 1e-6, over 4 steps (queue
