@@ -12,6 +12,16 @@ KS = ("200", "20")
 CURVE_THRESHOLDS = [round(-0.2 + 0.1 * i, 2) for i in range(12)]  # -0.2 .. 0.9 (centred cosines)
 
 
+
+def _save(fig, path: str) -> str:
+    """Lay out, write (110 dpi) and close a figure; returns its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
 def _fmt(x: float, sign: bool = False) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else (f"{x:+.2f}" if sign else f"{x:.2f}")
 
@@ -101,10 +111,7 @@ def _plots(out: str, methods: dict, fn: dict | None, sepp: dict | None) -> list[
     ax2.set_title("paired difference, 95 % CI")
     for ax in (ax1, ax2):
         ax.tick_params(axis="x", rotation=45)
-    fig.tight_layout()
-    paths.append(os.path.join(out, "knn.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, os.path.join(out, "knn.png")))
     if fn:
         fig, ax = plt.subplots(figsize=(6, 4))
         pts = fn["points"]
@@ -119,10 +126,7 @@ def _plots(out: str, methods: dict, fn: dict | None, sepp: dict | None) -> list[
         ax.set_xlabel("false-negative detection precision p")
         ax.set_ylabel("kNN top-1 k=200 (%)")
         ax.legend()
-        fig.tight_layout()
-        paths.append(os.path.join(out, "fn_precision.png"))
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(_save(fig, os.path.join(out, "fn_precision.png")))
     if sepp:
         fig, ax = plt.subplots(figsize=(6, 4))
         c = sepp["curve"]
@@ -138,10 +142,7 @@ def _plots(out: str, methods: dict, fn: dict | None, sepp: dict | None) -> list[
         ax2.set_ylabel("SePP kNN top-1 k=200 (%)")
         ax.legend(loc="lower left")
         ax2.legend(loc="lower right")
-        fig.tight_layout()
-        paths.append(os.path.join(out, "sepp_threshold.png"))
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(_save(fig, os.path.join(out, "sepp_threshold.png")))
     return paths
 
 
