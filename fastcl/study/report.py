@@ -12,7 +12,6 @@ KS = ("200", "20")
 CURVE_THRESHOLDS = [round(-0.2 + 0.1 * i, 2) for i in range(12)]  # -0.2 .. 0.9 (centred cosines)
 
 
-
 def _save(fig, path: str) -> str:
     """Lay out, write (110 dpi) and close a figure; returns its path."""
     import matplotlib.pyplot as plt
@@ -21,6 +20,7 @@ def _save(fig, path: str) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
 
 def _fmt(x: float, sign: bool = False) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else (f"{x:+.2f}" if sign else f"{x:.2f}")
