@@ -27,19 +27,40 @@ from fastcl import dist
 from fastcl.methods.base import ContrastiveMethod, Pair, Sims
 from fastcl.models import ema_update
 from fastcl.objectives import soft_cross_entropy
+from fastcl.pipelines.augment import host_to_device
 from fastcl.pipelines.batch import Batch
 from fastcl.timing import StageTimer
 
 _SHUFFLE_SALT = 0x5B4E
 
 
-def forward_group(net: nn.Module, xs: list[Tensor], bn_splits: int = 1, channels_last: bool = False) -> list[Tensor]:
-    """ONE forward of `net` over same-size image batches xs[i] [B, 3, H, W]; returns [B, D] per input.
+_COUNTS: dict | None = None  # set by count_forwards(): images and forwards per network, for benchmarks and tests
+
+
+@contextlib.contextmanager
+def count_forwards():
+    """While active, count what goes through forward_group: yields {"student": images, "teacher": images,
+    "student_forwards": n, "teacher_forwards": n} (`python -m fastcl.bench step`, tests/test_exp_configs.py)."""
+    global _COUNTS
+    _COUNTS = {"student": 0, "teacher": 0, "student_forwards": 0, "teacher_forwards": 0}
+    try:
+        yield _COUNTS
+    finally:
+        _COUNTS = None
+
+
+def forward_group(net: nn.Module, xs: list[Tensor], bn_splits: int = 1, channels_last: bool = False,
+                  who: str = "student") -> list[Tensor]:
+    """ONE forward of `net` (the `who` network: student | teacher) over same-size image batches xs[i]
+    [B, 3, H, W]; returns [B, D] per input.
 
     With split BN (bn_splits = S > 1) the rows are reordered so that BN slice s holds the s-th B/S rows of EVERY
     input, which is what GPU s would hold when each GPU concatenates its own views, and restored after.
     """
     v, b = len(xs), xs[0].shape[0]
+    if _COUNTS is not None:
+        _COUNTS[who] += v * b
+        _COUNTS[who + "_forwards"] += 1
     x = torch.cat(xs) if v > 1 else xs[0]
     interleave = bn_splits > 1 and v > 1
     if interleave:
@@ -113,7 +134,7 @@ def shuffle_perm(seed: int, step: int, n: int, device) -> Tensor:
     """ShuffleBN's permutation of the n = W·B global key images at `step`: a function of (seed, step) only, so
     every rank draws the same one without a broadcast, and a resumed run repeats it."""
     g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 2 + _SHUFFLE_SALT)
-    return torch.randperm(n, generator=g).to(device)
+    return host_to_device(torch.randperm(n, generator=g), torch.device(device))  # no sync on CUDA
 
 
 @torch.no_grad()
@@ -136,7 +157,7 @@ def encode_keys(parts: StepParts, groups: list[list[Tensor]], step: int) -> tupl
             if shuffle:
                 mine = perm[r * b:(r + 1) * b]
                 g = [dist.gather(x)[mine] for x in g]
-            k += [_unit(t) for t in forward_group(teacher, g, parts.bn_splits, parts.channels_last)]
+            k += [_unit(t) for t in forward_group(teacher, g, parts.bn_splits, parts.channels_last, "teacher")]
     if not shuffle:
         return k, [dist.gather(t) for t in k]
     k_all = []
@@ -169,6 +190,22 @@ def encode_student(parts: StepParts, views: tuple[Tensor, ...], which: list[int]
     return dict(zip(flat, z[:len(flat)])), z[len(flat):]
 
 
+def candidates(method: ContrastiveMethod, k_all: Tensor, ids_all: Tensor, pos: Tensor
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """MoCo layout of one key view: cols [C, D] = [gathered keys k_all [WB, D] ; queue], their ids [C] and the
+    candidate mask [B, C] of the rows whose positives are the columns `pos` [B]."""
+    cols, col_ids = k_all, ids_all
+    if method.queue is not None:  # the queue as it was BEFORE this step's push (after_step)
+        cols = torch.cat([k_all, method.queue.keys.to(k_all.dtype)])
+        col_ids = torch.cat([ids_all, method.queue.ids])
+    b = pos.shape[0]
+    valid = (col_ids >= 0).unsqueeze(0).expand(b, -1).clone()  # empty queue slots are not candidates
+    if not method.layout.batch_negatives:
+        valid[:, :k_all.shape[0]] = False  # MoCo: only the own key among the batch keys
+    valid[torch.arange(b, device=pos.device), pos] = True
+    return cols, col_ids, valid
+
+
 def queue_losses(parts: StepParts, batch: Batch, ids_all: Tensor, sc: dict, step: int):
     """MoCo layout. Returns (loss, keys [nK·WB, D] and ids to push, logs)."""
     method, views = parts.method, batch.views
@@ -188,14 +225,7 @@ def queue_losses(parts: StepParts, batch: Batch, ids_all: Tensor, sc: dict, step
     per_key = {}
     with _stage(parts, "assign"):
         for kv in key_views:  # candidate layout, teacher sims and target: once per KEY view
-            cols, col_ids = k_all[kv], ids_all
-            if method.queue is not None:  # the queue as it was BEFORE this step's push (after_step)
-                cols = torch.cat([cols, method.queue.keys.to(cols.dtype)])
-                col_ids = torch.cat([ids_all, method.queue.ids])
-            valid = (col_ids >= 0).unsqueeze(0).expand(b, -1).clone()  # empty queue slots are not candidates
-            if not method.layout.batch_negatives:
-                valid[:, :k_all[kv].shape[0]] = False  # MoCo: only the own key among the batch keys
-            valid[rows, pos] = True
+            cols, col_ids, valid = candidates(method, k_all[kv], ids_all, pos)
             teacher_sims = k[kv] @ cols.T if method.needs_teacher_sims else None
             proto = Sims(None, teacher_sims, pos, valid, batch.index, col_ids)  # student sims: per pair
             per_key[kv] = (cols, proto, method.assign(proto, sc))
@@ -246,6 +276,7 @@ def inbatch_losses(parts: StepParts, batch: Batch, ids_all: Tensor, sc: dict, st
 
 def train_step(parts: StepParts, batch: Batch, sc: dict, step: int) -> dict[str, Tensor]:
     """One optimisation step. sc: this step's scalars (lr, wd, ema, method schedules). Returns device metrics."""
+    sc = {**sc, "step": step}  # the step index travels with the scalars (assign() draws seeded by it)
     method = parts.method
     parts.optimizer.zero_grad(set_to_none=True)
     if parts.teacher is not None:

@@ -326,11 +326,8 @@ def diagnose(method, logs: dict, loader) -> dict:
 
 def embed_pass(cfg, loader, net):
     """A function returning [N, D] eval-transform features of every training image by `net` (IFND source=pass:
-    the teacher when there is one, else the student's encoder); a collective, sharded over every rank
-    (fastcl.eval.features.embed_dataset). None where the backend has no such pass."""
-    if cfg.data.backend not in ("torch", "gpu_tensor", "dali", "synthetic", "ffcv"):
-        return None
-
+    the teacher when there is one, else the student's encoder); a collective, sharded over every rank, read
+    through the run's own backend (fastcl.eval.features.embed_dataset: every backend has such a pass)."""
     def run():
         from fastcl.eval.features import embed_dataset
         return embed_dataset(net, cfg, loader)

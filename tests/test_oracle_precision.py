@@ -36,7 +36,7 @@ def _sims(b=16, c=200, seed=0):
 
 
 def _measure(method, sims, step=3):
-    target = method.assign(sims, {"oracle_step": step})
+    target = method.assign(sims, {"step": step})
     return target, fn_diagnostics(sims, target, torch.arange(N) % CLASSES)
 
 
@@ -75,9 +75,9 @@ def test_below_base_rate_add_eliminates_every_negative():
 def test_draws_follow_the_step_and_attr_mode():
     sims = _sims()
     m = _oracle(0.5)
-    a, b, c = (m.assign(sims, {"oracle_step": s}).valid for s in (3, 3, 4))
+    a, b, c = (m.assign(sims, {"step": s}).valid for s in (3, 3, 4))
     assert torch.equal(a, b) and not torch.equal(a, c)
-    t = _oracle(0.5, mode="attr").assign(sims, {"oracle_step": 3})
+    t = _oracle(0.5, mode="attr").assign(sims, {"step": 3})
     assert torch.allclose(t.prob.sum(1), torch.ones(16))
     assert int((t.prob > 0).sum()) > 16  # detections became positives
 

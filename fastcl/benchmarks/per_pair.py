@@ -12,7 +12,7 @@ from fastcl import dist
 from fastcl.methods.base import Pair, Sims
 from fastcl.objectives import soft_cross_entropy
 from fastcl.pipelines.batch import Batch
-from fastcl.step import StepParts, _autocast, _unit, encode_keys, inbatch_losses
+from fastcl.step import StepParts, _autocast, _unit, candidates, encode_keys, inbatch_losses
 from fastcl.models import ema_update
 
 
@@ -37,14 +37,7 @@ def per_pair_step(parts: StepParts, batch: Batch, sc: dict, step: int) -> torch.
                 mine = range(len(extras)) if len(views) > 2 else [i] if extras else []
                 z_extra = [_unit(parts.student([extras[j]])[0]) if j in mine else None for j in range(len(extras))]
             (k,), (k_all,) = encode_keys(parts, [[views[kv]]], step)  # a teacher forward per pair
-            cols, col_ids = k_all, ids_all
-            if method.queue is not None:
-                cols = torch.cat([k_all, method.queue.keys.to(k_all.dtype)])
-                col_ids = torch.cat([ids_all, method.queue.ids])
-            valid = (col_ids >= 0).unsqueeze(0).expand(b, -1).clone()
-            if not method.layout.batch_negatives:
-                valid[:, :k_all.shape[0]] = False
-            valid[torch.arange(b, device=valid.device), pos] = True
+            cols, col_ids, valid = candidates(method, k_all, ids_all, pos)
             sims = Sims(q @ cols.T, k @ cols.T if method.needs_teacher_sims else None, pos, valid, batch.index,
                         col_ids)
             target = method.assign(sims, sc)

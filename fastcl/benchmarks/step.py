@@ -165,28 +165,16 @@ def _one(r: dict) -> None:
 
 
 def _count_encoded(r: dict) -> dict:
-    """One (untimed) step with every forward counted: images per sample through the student and the teacher,
-    and forwards (size groups) of each: the student's bound embed() vs the teacher Encoder, see fastcl.step."""
-    c = {"student": 0, "teacher": 0, "student_fwd": 0, "teacher_fwd": 0}
-    group, b = step_mod.forward_group, {}
-
-    def counting(net, xs, *a, **k):
-        who = "student" if getattr(net, "__name__", "") == "embed" else "teacher"
-        c[who] += sum(x.shape[0] for x in xs)
-        c[who + "_fwd"] += 1
-        return group(net, xs, *a, **k)
-
+    """One (untimed) step with every forward counted (fastcl.step.count_forwards): images per sample through the
+    student and the teacher, and forwards (size groups) of each."""
+    b = {}
     batch = r["next"]
     r["next"] = lambda: b.setdefault("x", batch())
-    step_mod.forward_group = counting
     try:
-        _one(r)
+        with step_mod.count_forwards() as c:
+            _one(r)
     finally:
-        step_mod.forward_group, r["next"] = group, batch
+        r["next"] = batch
     n = b["x"].views[0].shape[0]
     return {"student_images_per_sample": c["student"] / n, "teacher_images_per_sample": c["teacher"] / n,
-            "student_forwards_per_step": c["student_fwd"], "teacher_forwards_per_step": c["teacher_fwd"]}
-
-
-if __name__ == "__main__":
-    main()
+            "student_forwards_per_step": c["student_forwards"], "teacher_forwards_per_step": c["teacher_forwards"]}

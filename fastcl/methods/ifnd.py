@@ -121,8 +121,8 @@ class IFND(ContrastiveMethod):
     def prepare(self, parts, loader) -> None:
         super().prepare(parts, loader)
         if self.c.source == "pass" and parts.embed_pass is None:
-            raise ValueError("method.ifnd.source=pass needs an embedding pass over the training images, which this "
-                             "data.backend does not offer: use method.ifnd.source=table")
+            raise ValueError("method.ifnd.source=pass needs the trainer's embedding pass (StepParts.embed_pass), "
+                             "which these parts were built without: use method.ifnd.source=table")
 
     @torch.no_grad()
     def _features(self, parts) -> torch.Tensor:

@@ -14,14 +14,14 @@ false detections. Two degradations, our choice (`method.oracle.degrade`):
   replace:        the number of detections held fixed (the denominator's size is the oracle's): a random
                   fraction 1-p of the true detections is replaced by as many random true negatives, so recall
                   falls to p with precision.
-Random draws come from (trainer.seed, step, rank) via the `oracle_step` schedule, so a resumed run repeats them.
+Random draws come from (trainer.seed, step, rank) (the step rides in the step's scalars, `sc["step"]`), so a
+resumed run repeats them.
 p = 1 is exactly the oracle (no draw).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -62,12 +62,12 @@ def degrade_detections(detected: Tensor, negatives: Tensor, precision: float, ho
     """Detections of per-row precision `precision` built from the true ones.
 
     detected [B, C] bool: the true false negatives (what the oracle detects); negatives [B, C] bool: the true
-    negatives among the candidates; how: add | replace (module docstring); gen: the draw's CPU generator
+    negatives among the candidates; how: add | replace (module docstring); gen: the draw's generator (on their device)
     -> [B, C] bool degraded detections.
     """
     f = detected.sum(1)
     n_neg = negatives.sum(1)
-    u = torch.rand(detected.shape, generator=gen).to(detected.device)
+    u = torch.rand(detected.shape, generator=gen, device=detected.device)
     if how == "add":
         keep = detected
         n_false = torch.round(f.double() * (1 - precision) / precision).long()
@@ -86,10 +86,6 @@ class Oracle(ContrastiveMethod):
         super().__init__(c, layout)
         self.register_buffer("labels", torch.full((1, layout.num_samples), -1, dtype=torch.long))
 
-    def schedules(self, total_steps: int, steps_per_epoch: int) -> dict:
-        # assign() gets the step's scalars, not the step: the step index rides as a schedule (seeds the draws)
-        return {"oracle_step": np.arange(total_steps)} if self.c.precision < 1 else {}
-
     def prepare(self, parts, loader) -> None:
         # THE ONLY METHOD THAT READS DATASET LABELS (research upper bound; the trainer warns).
         if not hasattr(loader, "labels"):
@@ -107,7 +103,9 @@ class Oracle(ContrastiveMethod):
         nonpos[torch.arange(b, device=nonpos.device), sims.pos] = False
         known = (rows[:, None] >= 0) & (cols[None, :] >= 0) & nonpos
         same = rows[:, None] == cols[None, :]
-        gen = torch.Generator().manual_seed(seed_for(self.layout.seed, int(sc["oracle_step"]), dist.rank(), _SALT))
+        # a generator on the candidates' device: the [B, C] draw never crosses from the host
+        gen = torch.Generator(device=sims.valid.device)
+        gen.manual_seed(seed_for(self.layout.seed, int(sc["step"]), dist.rank(), _SALT))
         det = degrade_detections(known & same, known & ~same, self.c.precision, self.c.degrade, gen)
         if self.c.mode == "elim":
             return one_hot_target(sims.pos, sims.valid.shape[1], sims.valid & ~det)  # the positive is never in det

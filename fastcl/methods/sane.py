@@ -21,7 +21,7 @@ from torch import Tensor
 from fastcl import kernels
 from fastcl.methods.base import ContrastiveMethod, Pair
 from fastcl.objectives import soft_cross_entropy
-from fastcl.pipelines.augment import seed_for
+from fastcl.pipelines.augment import host_to_device, seed_for
 from fastcl.schedules import cosine_ramp
 
 _SALT = 0x5A4E
@@ -55,14 +55,20 @@ class SANE(ContrastiveMethod):
         # Views >= 2 feed the mixup only (see module docstring), never the plain contrastive loss.
         return [(1, 0), (0, 1)] if self.layout.symmetric else [(1, 0)]
 
-    def mix_params(self, b: int, step: int) -> tuple[Tensor, Tensor]:
-        """(permutation [b] int64, theta [b] float) for this step, reproducible from (seed, step)."""
-        c = self.c
-        rng = np.random.default_rng(seed_for(self.layout.seed, step, _SALT))
-        perm = torch.from_numpy(rng.permutation(b))
-        theta = rng.beta(c.kappa, c.kappa, size=b if c.per_sample_theta else 1)
-        theta = torch.from_numpy(np.broadcast_to(theta, (b,)).astype(np.float32).copy())
-        return perm, theta
+    def mix_params(self, b: int, step: int, device=None) -> tuple[Tensor, Tensor]:
+        """(permutation [b] int64, theta [b] float) for this step, reproducible from (seed, step), on `device`.
+        Drawn once per step: the images (student_extras) and the labels (every pair_loss) share the draw."""
+        key = (b, step, str(device))
+        if getattr(self, "_mix", (None,))[0] != key:
+            c = self.c
+            rng = np.random.default_rng(seed_for(self.layout.seed, step, _SALT))
+            perm = torch.from_numpy(rng.permutation(b))
+            theta = rng.beta(c.kappa, c.kappa, size=b if c.per_sample_theta else 1)
+            theta = torch.from_numpy(np.broadcast_to(theta, (b,)).astype(np.float32).copy())
+            if device is not None:  # pinned + non_blocking on CUDA: no host sync in the step
+                perm, theta = host_to_device(perm, torch.device(device)), host_to_device(theta, torch.device(device))
+            self._mix = (key, perm, theta)
+        return self._mix[1], self._mix[2]
 
     def student_extras(self, views: tuple[Tensor, ...], step: int) -> list[list[Tensor]]:
         """The mixed images x' (one group each: their own BN statistics, as a separate forward would have).
@@ -72,11 +78,10 @@ class SANE(ContrastiveMethod):
         if self.c.lam == 0:
             return []  # L = L_c exactly
         b = views[0].shape[0]
-        perm, theta = self.mix_params(b, step)
-        perm = perm.to(views[0].device)
+        perm, theta = self.mix_params(b, step, views[0].device)
         pairs = [(views[q], views[k][perm]) for q, k in self.pairs(len(views))] if len(views) <= 2 else \
             [(views[v], views[v][perm]) for v in range(2, len(views))]
-        th = theta.to(views[0].device).view(-1, 1, 1, 1)
+        th = theta.view(-1, 1, 1, 1)
         return [[th.to(xq.dtype) * xq + (1 - th.to(xq.dtype)) * xp] for xq, xp in pairs]
 
     def pair_loss(self, pair: Pair, extras: list[Tensor], sc: dict, step: int) -> Tensor:
@@ -88,8 +93,7 @@ class SANE(ContrastiveMethod):
         with torch.no_grad():
             ybar = kernels.slr_target(sims.teacher, sims.pos, float(sc["mu"]), self.tau * c.tau_prime,
                                       sims.valid, backend=self.layout.kernel)
-        perm, theta = self.mix_params(ybar.shape[0], step)
-        perm, theta = perm.to(ybar.device), theta.to(ybar.device)
+        perm, theta = self.mix_params(ybar.shape[0], step, ybar.device)
         valid = sims.valid | sims.valid[perm]
         y_mix = theta[:, None] * ybar + (1 - theta[:, None]) * ybar[perm]
         mine = [extras[pair.index]] if pair.n_views <= 2 else extras  # as built in student_extras
