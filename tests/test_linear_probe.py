@@ -90,3 +90,23 @@ def test_standardize_uses_train_statistics():
     xs, vs = linear.standardize(x, v)
     assert torch.allclose(xs.mean(0), torch.zeros(5), atol=1e-5) and torch.isfinite(vs).all()
     assert torch.allclose(xs[:, [0, 1, 3, 4]].std(0), torch.ones(4), atol=1e-4) and (xs[:, 2] == 0).all()
+
+
+def test_sweep_continues_below_the_grid_while_the_smallest_lr_wins(monkeypatch):
+    """The optimum can lie below the preset's grid (standardised features of a small CIFAR encoder: MoCo's lr 30
+    needs x0.0001): the sweep extends downwards while the smallest lr wins, and stops once a smaller one loses."""
+    peak = 0.003
+
+    def fake(xf, yf, xh, yh, num_classes, q, *a, **k):  # held-out top-1 peaks at lr = peak
+        import math
+        return {"top1": 50.0 - abs(math.log10(q.lr / peak)), "history": [{"loss": 1.0}], "diverged": False}
+
+    monkeypatch.setattr(linear, "train_linear", fake)
+    p = linear.resolve_protocol("moco", None, None, None, None, None)
+    x, y = torch.randn(100, 8), torch.randint(0, 10, (100,))
+    lr, table = linear.sweep_lr(x, y, 10, p)
+    assert lr == pytest.approx(peak) and len(table) == len(linear.LR_GRID) + 2  # 0.003 wins, 0.0003 loses
+    monkeypatch.setattr(linear, "train_linear", lambda *a, **k: {"top1": 40.0 + a[5].lr, "history": [{"loss": 1.0}],
+                                                                 "diverged": False})
+    lr, table = linear.sweep_lr(x, y, 10, p)  # the largest lr wins: no extension
+    assert lr == p.lr and len(table) == len(linear.LR_GRID)
