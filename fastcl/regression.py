@@ -4,10 +4,10 @@
     python -m fastcl.regression update [--seeds 0 1 2] re-measure the reference (after a change that moves accuracy
                                                         on purpose) and write it with the commit that caused it
 
-The guard run is configs/exp/regression.yaml (the demo's SCE recipe, smaller, on the bundled CIFAR-10 sample) at
-the reference seed. On one machine kind it is deterministic, so an unchanged trainer reproduces the stored curve;
-on another machine kind (or another BLAS) the floating-point order differs and training drifts by about one seed's
-worth of noise. The tolerance is therefore measured, not guessed: `update` trains the run at several seeds and
+The guard run is configs/test/regression.yaml (the CPU comparison's SimCLR, small, on the bundled CIFAR-10
+sample; kNN on the full CIFAR-10 test split) at the reference seed. On one machine kind it is deterministic, so
+an unchanged trainer reproduces the stored curve; on another machine kind (or another BLAS) the floating-point
+order differs and training drifts by about one seed's worth of noise. The tolerance is therefore measured, not guessed: `update` trains the run at several seeds and
 sets tol = Z * sigma_seed (Z = 3, one-sided), separately for the final kNN and for the curve's mean after
 initialisation. A change that costs more than that fails `make test` (tests/test_regression_guard.py).
 Being higher than the reference by more than tol passes with a note: accuracy went up, record it with `update`.
@@ -25,7 +25,7 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, "configs/exp/regression.yaml")
+CONFIG = os.path.join(REPO, "configs/test/regression.yaml")
 REFERENCE = os.path.join(REPO, "tests/regression_reference.json")
 Z = 3.0  # one-sided: a clean change fails with p ~ 0.001 if cross-machine drift behaves like seed noise
 RESOLUTION = 0.01  # kNN is measured on the 10,000 CIFAR-10 test images: one image = 0.01 points
@@ -119,7 +119,7 @@ def compare(ref: dict, curve: dict) -> tuple[list[str], list[str]]:
     """(failures, notes) of a guard curve against the reference; no failures = the guard holds."""
     if curve["epochs"] != ref["curve"]["epochs"]:
         raise RegressionError(f"the guard run evaluated at epochs {curve['epochs']}, the reference at "
-                              f"{ref['curve']['epochs']}: configs/exp/regression.yaml changed; run "
+                              f"{ref['curve']['epochs']}: configs/test/regression.yaml changed; run "
                               f"`python -m fastcl.regression update`")
     tol, fails, notes = ref["tolerance"], [], []
     for name, now, was, t in (("final kNN", curve["knn"][-1], ref["curve"]["knn"][-1], tol["final"]),

@@ -21,7 +21,7 @@ def test_reference_is_the_seed_runs_it_claims(ref):
     finals = [c["knn"][-1] for c in seeds.values()]
     means = [curve_mean(c["knn"]) for c in seeds.values()]
     assert ref["tolerance"] == tolerances(finals, means)  # derived from the seeds, not edited by hand
-    assert ref["commit"]["hash"] and ref["config"] == "configs/exp/regression.yaml"
+    assert ref["commit"]["hash"] and ref["config"] == "configs/test/regression.yaml"
     # the guard is only worth running if training moves the curve well beyond the tolerance
     gain = min(c["knn"][-1] - c["knn"][0] for c in seeds.values())
     assert gain > 2 * ref["tolerance"]["final"], (gain, ref["tolerance"])
