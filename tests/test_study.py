@@ -101,3 +101,9 @@ def test_bad_config_and_folders_are_one_line(tmp_path, capsys):
     assert _study(tmp_path, "data.backend=torch", f"data.path={tmp_path}") == 2
     assert "--test" in capsys.readouterr().err
     assert not (tmp_path / "scratch").exists()
+
+
+def test_overrides_may_follow_list_options():
+    from fastcl.study.cli import parse
+    a = parse(["--precisions", "1", "0.5", "data.path=x", "--sweep", "fn-precision", "optim.lr=0.1"])
+    assert a.precisions == [1.0, 0.5] and a.sweep == ["fn-precision"] and a.overrides == ["data.path=x", "optim.lr=0.1"]

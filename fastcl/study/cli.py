@@ -36,7 +36,12 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=2, help="decode threads of the kNN evaluation")
     ap.add_argument("--out", default="runs/study")
     ap.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
-    a = ap.parse_args(argv)
+    # key=value overrides may stand anywhere: after a list option (--precisions 1 0.5 data.path=...) argparse would
+    # read them as one more list value, so they are taken out before parsing
+    argv = list(sys.argv[1:] if argv is None else argv)
+    over = [t for t in argv if "=" in t and not t.startswith("-")]
+    a = ap.parse_args([t for t in argv if t not in over])
+    a.overrides = list(a.overrides) + over
     checks = ((len(set(a.seeds)) != len(a.seeds) or min(a.seeds) < 0, f"--seeds must be distinct and >= 0, got {a.seeds}"),
               (a.epochs < 1, f"--epochs must be >= 1, got {a.epochs}"),
               (a.protocol == "warm" and a.warm_epochs < 1, "--protocol warm needs --warm-epochs E0 >= 1"),
