@@ -20,24 +20,12 @@ SAMPLE = os.path.join(REPO, "data/extracted/cifar10_sample")
 
 def ensure_sample() -> str:
     """The bundled CIFAR-10 sample (5,000 train / 1,000 test JPEGs), extracted once into the ignored
-    data/extracted/; the folder appears only complete (extracted beside it, then renamed)."""
-    import tarfile
-    import tempfile
+    data/extracted/ (the same folder and marker as `make sample`)."""
+    from fastcl.pipelines.extract import extract_once
 
-    if os.path.isfile(os.path.join(SAMPLE, ".extracted")):
-        return SAMPLE
     if not os.path.isfile(SAMPLE_TAR):
         sys.exit(f"the bundled sample {SAMPLE_TAR} is missing: this is not a complete fastcl checkout")
-    parent = os.path.dirname(SAMPLE)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="cifar10_sample.", dir=parent)
-    with tarfile.open(SAMPLE_TAR) as tar:
-        tar.extractall(tmp, filter="data")
-    open(os.path.join(tmp, "cifar10_sample", ".extracted"), "w").close()
-    shutil.rmtree(SAMPLE, ignore_errors=True)  # a partial folder of an interrupted `tar xzf`
-    os.replace(os.path.join(tmp, "cifar10_sample"), SAMPLE)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return SAMPLE
+    return extract_once(SAMPLE_TAR, SAMPLE)
 
 
 def main(argv=None) -> int:

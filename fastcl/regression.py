@@ -7,16 +7,15 @@
 The guard run is configs/test/regression.yaml (the CPU comparison's SimCLR, small, on the bundled CIFAR-10
 sample; kNN on the full CIFAR-10 test split) at the reference seed. On one machine kind it is deterministic, so
 an unchanged trainer reproduces the stored curve; on another machine kind (or another BLAS) the floating-point
-order differs and training drifts by about one seed's worth of noise. The tolerance is therefore measured, not guessed: `update` trains the run at several seeds and
-sets tol = Z * sigma_seed (Z = 3, one-sided), separately for the final kNN and for the curve's mean after
-initialisation. A change that costs more than that fails `make test` (tests/test_regression_guard.py).
+order differs and training drifts by about one seed's worth of noise. The tolerance is therefore measured, not
+guessed: `update` trains the run at several seeds and sets tol = Z * sigma_seed (Z = 3, one-sided), separately
+for the final kNN and for the curve's mean after initialisation. A change that costs more than that fails `make test` (tests/test_regression_guard.py).
 Being higher than the reference by more than tol passes with a note: accuracy went up, record it with `update`.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
@@ -43,32 +42,16 @@ def ensure_test_set() -> str:
     shared tarball. Why not the sample's 1,000 test images: on those, two equally good encoders differ by about
     the binomial noise of 1,000 draws (~1.5 points at 35 %), which set the seed sigma (and the tolerance) of a
     first version of this guard to 1.4 points; 10,000 images cut that noise by sqrt(10)."""
-    import tarfile
-    import tempfile
+    from fastcl.pipelines.extract import extract_once
 
-    if os.path.isfile(os.path.join(TEST_SET, ".extracted")):
-        return TEST_SET
     tar_path = os.path.join(SHARED_DATA, "cifar10-jpeg", "cifar10-jpeg.tar.gz")
     if not os.path.isfile(tar_path):
         raise RegressionError(f"CIFAR-10 tarball not found: {tar_path} (set FASTCL_SHARED_DATA to the folder "
                               f"holding cifar10-jpeg/)")
-    parent = os.path.dirname(TEST_SET)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="test.", dir=parent)
-    with tarfile.open(tar_path, "r|gz") as tar:  # streamed, 19 MB: keep cifar10-jpeg/test/<class>/<file>
-        for m in tar:
-            parts = m.name.split("/")
-            if m.isfile() and len(parts) == 4 and parts[1] == "test":
-                os.makedirs(os.path.join(tmp, parts[2]), exist_ok=True)
-                with open(os.path.join(tmp, parts[2], parts[3]), "wb") as f:
-                    f.write(tar.extractfile(m).read())
-    open(os.path.join(tmp, ".extracted"), "w").close()
-    shutil.rmtree(TEST_SET, ignore_errors=True)  # a partial folder (interrupted extraction)
-    os.replace(tmp, TEST_SET)
-    return TEST_SET
+    return extract_once(tar_path, TEST_SET, subdir="test")  # <class>/<file>, 19 MB streamed
 
 
-def train_curve(seed: int, run_dir: str, overrides: list[str] = (), progress: bool = False) -> dict:
+def train_curve(seed: int, run_dir: str, progress: bool = False) -> dict:
     """Train the guard run from scratch at `seed` in `run_dir`; {"epochs": [...], "knn": [...], "minutes"}.
 
     knn[i] is kNN top-1 (%) after epochs[i] epochs (epochs[0] = 0: the random initialisation).
@@ -86,7 +69,7 @@ def train_curve(seed: int, run_dir: str, overrides: list[str] = (), progress: bo
     torch.set_num_threads(THREADS)
     try:
         cfg = load_config(CONFIG, [f"trainer.seed={seed}", f"trainer.run_dir={os.path.abspath(run_dir)}",
-                                   f"trainer.progress={str(progress).lower()}", *overrides])
+                                   f"trainer.progress={str(progress).lower()}"])
         shutil.rmtree(cfg.trainer.run_dir, ignore_errors=True)  # always from scratch: a resumed run is another run
         t0 = time.time()
         train(cfg)
@@ -107,10 +90,9 @@ def curve_mean(knn: list[float]) -> float:
 
 def tolerances(finals: list[float], means: list[float]) -> dict:
     """Z * sample std over seeds, floored at the measurement's resolution: {"final", "mean", "sigma_final", ...}."""
-    def sd(v):
-        m = sum(v) / len(v)
-        return math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
-    s_f, s_m = sd(finals), sd(means)
+    from fastcl.study.stats import mean_std
+
+    s_f, s_m = mean_std(finals)["std"], mean_std(means)["std"]
     return {"sigma_final": round(s_f, 3), "sigma_mean": round(s_m, 3), "z": Z,
             "final": round(max(Z * s_f, RESOLUTION), 3), "mean": round(max(Z * s_m, RESOLUTION), 3)}
 

@@ -21,9 +21,6 @@ measured 15 ms with 2 threads against 0.02 ms with 1. Tests are not benchmarks; 
 from __future__ import annotations
 
 import os
-import shutil
-import tarfile
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -38,31 +35,14 @@ torch.set_num_threads(int(os.environ.get("FASTCL_TEST_THREADS", "1")))
 
 
 def _extract_subset(tarball: Path, dest: Path, keep, stop=None) -> str:
-    """Stream `tarball`, writing member `top/<rest>` to `dest/<rest>` when keep(rest) is true; stop(rest) true
-    ends the scan early (the tarballs are name-sorted). Reuses `dest` if it already exists."""
-    if dest.is_dir():
-        return str(dest)
+    """fastcl.pipelines.extract.extract_once of the members `top/<rest>` with keep(rest) true (stop(rest) true ends
+    the scan: the tarballs are name-sorted); a missing tarball fails the test, naming where to put it."""
+    from fastcl.pipelines.extract import extract_once
+
     if not tarball.is_file():
         pytest.fail(f"dataset tarball not found: {tarball} (the real-image tests need ../shared/data beside the "
                     f"repository, or FASTCL_SHARED_DATA=<folder with cifar10-jpeg/ and imagenette2-224/>)")
-    EXTRACTED.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=EXTRACTED))
-    with tarfile.open(tarball, "r|gz") as tar:
-        for m in tar:
-            rest = m.name.split("/", 1)[1] if "/" in m.name else ""
-            if not m.isfile():
-                continue
-            if stop is not None and stop(rest):
-                break
-            if keep(rest):
-                out = tmp / rest
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_bytes(tar.extractfile(m).read())
-    try:
-        tmp.rename(dest)
-    except OSError:  # another process finished first: keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(dest)
+    return extract_once(str(tarball), str(dest), keep=keep, stop=stop)
 
 
 @pytest.fixture(scope="session")

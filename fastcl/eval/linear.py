@@ -17,8 +17,8 @@ ImageNet ResNet-50 pooled features), and on a small CIFAR backbone `moco` diverg
 classes). So (1) the features are STANDARDISED with the train split's per-dimension mean and std (`--standardize`,
 on by default; the val split uses the train statistics) and (2) the lr is chosen by a small SWEEP on a held-out
 10 % of the training split (`--lr-grid`: the preset's lr times 1, 0.1, 0.01, 0.001, continued downwards while
-the smallest lr wins; the best held-out top-1 wins, then the probe is retrained on the whole training split), as solo-learn and the papers' appendices (SimCLR B.5,
-BYOL C) pick linear-probe learning rates. An explicit --lr turns the sweep off. Every probe measures its loss at
+the smallest lr wins; the best held-out top-1 wins, then the probe is retrained on the whole training split), as
+solo-learn and the papers' appendices (SimCLR B.5, BYOL C) pick linear-probe learning rates. An explicit --lr turns the sweep off. Every probe measures its loss at
 initialisation and WARNS when an epoch's mean loss rises above it (`diverged` in the result).
 
 Labels are read here: evaluation is the one place that may.

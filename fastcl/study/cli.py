@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -39,8 +40,9 @@ def parse(argv=None) -> argparse.Namespace:
     # key=value overrides may stand anywhere: after a list option (--precisions 1 0.5 data.path=...) argparse would
     # read them as one more list value, so they are taken out before parsing
     argv = list(sys.argv[1:] if argv is None else argv)
-    over = [t for t in argv if "=" in t and not t.startswith("-")]
-    a = ap.parse_args([t for t in argv if t not in over])
+    is_over = [bool(re.match(r"[A-Za-z_][\w.]*=", t)) for t in argv]  # a dotted config key, then '='
+    over = [t for t, o in zip(argv, is_over) if o]
+    a = ap.parse_args([t for t, o in zip(argv, is_over) if not o])
     a.overrides = list(a.overrides) + over
     checks = ((len(set(a.seeds)) != len(a.seeds) or min(a.seeds) < 0, f"--seeds must be distinct and >= 0, got {a.seeds}"),
               (a.epochs < 1, f"--epochs must be >= 1, got {a.epochs}"),
