@@ -80,8 +80,9 @@ def read_meta(path: str) -> dict:
         return json.load(f)
 
 
-def save(accelerator, run_dir: str, state: TrainState, meta: dict, keep: int) -> str:
-    """Write a checkpoint of the current state (all ranks call this); returns its final path."""
+def save(accelerator, run_dir: str, state: TrainState, meta: dict, keep: int, pinned=()) -> str:
+    """Write a checkpoint of the current state (all ranks call this); returns its final path. The newest `keep`
+    are kept, and the checkpoints written at the end of an epoch in `pinned` (trainer.keep_epochs) always."""
     root = os.path.join(run_dir, CKPT_DIR)
     final = os.path.join(root, f"step_{state.step:08d}")
     tmp = os.path.join(root, f".tmp-step_{state.step:08d}")
@@ -99,9 +100,22 @@ def save(accelerator, run_dir: str, state: TrainState, meta: dict, keep: int) ->
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in list_checkpoints(run_dir)[keep:]:
-            shutil.rmtree(old, ignore_errors=True)
+            if not _pinned(old, pinned):
+                shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _pinned(path: str, epochs) -> bool:
+    """Whether the checkpoint at `path` was written at the end of one of `epochs` (read from its meta)."""
+    if not epochs:
+        return False
+    try:
+        with open(os.path.join(path, META)) as f:
+            m = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return m.get("batches_done") == 0 and m.get("epoch") in set(int(e) for e in epochs)
 
 
 def check_compatible(meta: dict, expect: dict, path: str) -> None:
@@ -278,7 +292,8 @@ class CheckpointReadError(ValueError):
 
 # ------------------------------------------------------------------------------------------ warm start
 
-def stage_init(src: str, objects: dict, files: dict[str, str], expect: dict, stage: str) -> dict:
+def stage_init(src: str, objects: dict, files: dict[str, str], expect: dict, stage: str,
+               keep_position: bool = True) -> dict:
     """Write into `stage` a checkpoint that THIS run's registered objects load with accelerate's own load_state,
     built from another run's checkpoint `src` (trainer.init_from, issue 12's warm-start protocol).
 
@@ -287,7 +302,8 @@ def stage_init(src: str, objects: dict, files: dict[str, str], expect: dict, sta
     the queue: when both methods keep a queue of the same size its keys/ids/pointer are kept, so a continuing
     MoCo-v2 equals a resume and every method starts from the same negatives. objects / files: this run's
     registered objects and their files (register()); expect: this run's meta (architecture checked). Returns
-    {"path", "step", "kept_queue"}.
+    {"path", "step", "kept_queue"}. keep_position=False (trainer.init_position=reset): the train position stays this
+    run's fresh one (step 0) and accelerate's RNG files are not taken, so the run draws from its own seed.
     """
     import torch
 
@@ -298,6 +314,8 @@ def stage_init(src: str, objects: dict, files: dict[str, str], expect: dict, sta
                          f"(method {run.meta.get('method', '?')!r})")
     os.makedirs(stage, exist_ok=True)
     for name in os.listdir(run.path):  # accelerate's own files: model, optimizer, RNG states (+ sampler, scaler)
+        if name.startswith("random_states") and not keep_position:
+            continue
         if not name.startswith("custom_checkpoint_") and name != META:
             shutil.copyfile(os.path.join(run.path, name), os.path.join(stage, name))
     kept_queue = False
@@ -311,6 +329,8 @@ def stage_init(src: str, objects: dict, files: dict[str, str], expect: dict, sta
                     state.update({k: old[k] for k in qkeys})
                     kept_queue = True
             torch.save(state, os.path.join(stage, files[name]))
+        elif name == "train_state" and not keep_position:
+            torch.save(obj.state_dict(), os.path.join(stage, files[name]))
         else:  # train_state, teacher: copied as written
             shutil.copyfile(run.file(name), os.path.join(stage, files[name]))
     return {"path": run.path, "step": int(run.meta.get("step", 0)), "kept_queue": kept_queue}

@@ -118,11 +118,17 @@ class TrainerCfg:
     log_every: int = 10  # steps between logged metrics (the only host sync of the hot path)
     ckpt_every: int = 0  # steps between checkpoints (0: epoch ends only)
     ckpt_keep: int = 3
+    # epochs whose end-of-epoch checkpoint is never pruned by ckpt_keep: the rungs of a ladder of bases that later
+    # runs start from (trainer.init_from=<run>/checkpoints/step_<N>); [] = none
+    keep_epochs: list[int] = field(default_factory=list)
     resume: str = ""  # "" | auto | path to a checkpoint directory
     # warm start (issue 12): a fresh run starts from another run's checkpoint (or run directory): its weights, EMA
     # teacher, optimizer state, train position and RNG; the method state is fresh except a same-size queue
     # (checkpoint.stage_init). Ignored when the run resumes its own checkpoints. "" = off
     init_from: str = ""
+    # keep: continue init_from's train position (step, epoch) and RNG states, so the schedule goes on where it was
+    # (the warm protocol); reset: step 0 of this run's own schedule and its own seeded RNG (the ladder protocol)
+    init_position: str = "keep"
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     compile: bool = False
     channels_last: bool = True
@@ -318,6 +324,9 @@ def validate(cfg: DictConfig) -> None:
     _need(t.epochs > 0, "trainer.epochs", f"must be > 0, got {t.epochs}")
     _need(t.log_every > 0, "trainer.log_every", f"must be > 0, got {t.log_every}")
     _need(t.ckpt_keep >= 1, "trainer.ckpt_keep", f"must be >= 1, got {t.ckpt_keep}")
+    _need(all(0 < int(e) <= t.epochs for e in t.keep_epochs), "trainer.keep_epochs",
+          f"epochs in 1..trainer.epochs={t.epochs}, got {list(t.keep_epochs)}")
+    _need(t.init_position in ("keep", "reset"), "trainer.init_position", f"{t.init_position!r} not in keep|reset")
     _need(t.precision in ("auto", "fp32", "bf16"), "trainer.precision", f"{t.precision!r} not in auto|fp32|bf16")
     _need(t.knn_k > 0, "trainer.knn_k", f"must be > 0, got {t.knn_k}")  # bad-input fix: name the bad key
     _need(t.knn_t > 0, "trainer.knn_t", f"temperature must be > 0, got {t.knn_t}")

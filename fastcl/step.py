@@ -54,22 +54,23 @@ def forward_group(net: nn.Module, xs: list[Tensor], bn_splits: int = 1, channels
     """ONE forward of `net` (the `who` network: student | teacher) over same-size image batches xs[i]
     [B, 3, H, W]; returns [B, D] per input.
 
-    With split BN (bn_splits = S > 1) the rows are reordered so that BN slice s holds the s-th B/S rows of EVERY
-    input, which is what GPU s would hold when each GPU concatenates its own views, and restored after.
+    With split BN (bn_splits = S > 1) the rows are reordered so that SplitBatchNorm's group s (rows ≡ s mod S)
+    holds the s-th B/S rows of EVERY input, which is what GPU s would hold when each GPU concatenates its own
+    views, and the embeddings are put back in input order after.
     """
     v, b = len(xs), xs[0].shape[0]
     if _COUNTS is not None:
         _COUNTS[who] += v * b
         _COUNTS[who + "_forwards"] += 1
     x = torch.cat(xs) if v > 1 else xs[0]
-    interleave = bn_splits > 1 and v > 1
-    if interleave:
-        x = x.view(v, bn_splits, b // bn_splits, *x.shape[1:]).transpose(0, 1).reshape(v * b, *x.shape[1:])
+    s = bn_splits
+    if s > 1:  # row (input i, slice j, position t) -> row (i·B/S + t)·S + j
+        x = x.reshape(v, s, b // s, *x.shape[1:]).transpose(1, 2).reshape(v * b, *x.shape[1:])
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     z = net(x)
-    if interleave:
-        z = z.view(bn_splits, v, b // bn_splits, -1).transpose(0, 1).reshape(v * b, -1)
+    if s > 1:
+        z = z.view(v, b // s, s, -1).transpose(1, 2).reshape(v * b, -1)
     return list(z.split(b))
 
 

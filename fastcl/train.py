@@ -195,7 +195,7 @@ def setup(cfg, accelerator):
         if resumed is None:
             raise SetupError(f"trainer.resume={t.resume}: none of {len(candidates)} checkpoints could be loaded")
     elif t.init_from:
-        resumed = warm_start(accelerator, t.init_from, objects, files, expect)
+        resumed = warm_start(accelerator, t.init_from, objects, files, expect, t.init_position == "keep")
     parts = StepParts(student, teacher, method, optimizer, accelerator, resolve_precision(cfg, device),
                       t.channels_last, o.clip_grad, StageTimer(device), t.skip_nonfinite, mo.shuffle_bn,
                       mo.bn_splits, t.seed,
@@ -207,7 +207,7 @@ def setup(cfg, accelerator):
     return parts, loader, sched, state, expect, resumed
 
 
-def warm_start(accelerator, src: str, objects: dict, files: dict, expect: dict) -> str:
+def warm_start(accelerator, src: str, objects: dict, files: dict, expect: dict, keep_position: bool = True) -> str:
     """trainer.init_from: load another run's checkpoint into this fresh run (checkpoint.stage_init says what is
     taken and what stays fresh). Each rank stages its own temporary copy, so no collective is needed."""
     import shutil
@@ -215,7 +215,7 @@ def warm_start(accelerator, src: str, objects: dict, files: dict, expect: dict) 
 
     stage = tempfile.mkdtemp(prefix="fastcl-init-")
     try:
-        info = ckpt.stage_init(src, objects, files, expect, stage)
+        info = ckpt.stage_init(src, objects, files, expect, stage, keep_position)
         accelerator.load_state(stage)
     except (FileNotFoundError, ValueError) as e:
         raise SetupError(f"trainer.init_from={src}: {e}") from None
@@ -409,7 +409,7 @@ def _train(cfg, stop: "StopRequest", lock: ckpt.RunDirLock) -> dict:
 
     def save_ckpt():
         health.check(t.run_dir)  # never write a checkpoint of non-finite weights
-        ckpt.save(accelerator, t.run_dir, state, expect, t.ckpt_keep)
+        ckpt.save(accelerator, t.run_dir, state, expect, t.ckpt_keep, t.keep_epochs)
 
     health = Health(parts.accelerator.device)
 

@@ -90,9 +90,9 @@ def _reference_loss(parts, batch, sc, step):
     extras = method.student_extras(views, step)
     losses = []
     for i, (qv, kv) in enumerate(pairs):
-        q = _unit(student.embed(views[qv]))
+        q = _unit(S.forward_group(student.embed, [views[qv]], parts.bn_splits)[0])
         with torch.no_grad():
-            k = _unit(teacher(views[kv]))
+            k = _unit(S.forward_group(teacher, [views[kv]], parts.bn_splits)[0])
         cols = torch.cat([k, method.queue.keys])
         col_ids = torch.cat([batch.index, method.queue.ids])
         valid = (col_ids >= 0).unsqueeze(0).expand(b, -1).clone()
@@ -103,7 +103,7 @@ def _reference_loss(parts, batch, sc, step):
         sims = Sims(q @ cols.T, k @ cols.T, pos, valid, batch.index, col_ids)
         target = method.assign(sims, sc)
         ce = soft_cross_entropy(sims.student / method.tau, target.prob, target.valid)
-        z_extra = [_unit(student.embed(g[0])) for g in extras]
+        z_extra = [_unit(S.forward_group(student.embed, g, parts.bn_splits)[0]) for g in extras]
         losses.append(method.pair_loss(Pair(i, len(views), qv, kv, sims, cols, target, ce), z_extra, sc, step))
     return float(torch.stack(losses).mean().detach())
 
@@ -147,16 +147,55 @@ def test_grouped_views_equal_one_concatenated_forward():
         assert torch.allclose(torch.cat([g[4 * s:4 * s + 4] for g in got]), dev, atol=1e-6)
 
 
-def test_split_batch_norm_equals_per_slice_batch_norm():
+def test_split_batch_norm_equals_per_group_batch_norm():
+    """Group s = rows s, s+S, ... (the MoCo demo's reshape), each normalised alone; the running statistics are
+    the mean of the groups' (unbiased variance), for NCHW and channels_last input, and for [N, C] input."""
     torch.manual_seed(0)
-    x = torch.randn(12, 4, 5, 5)
-    split, plain = SplitBatchNorm(4, splits=3), torch.nn.BatchNorm2d(4)
-    y = split(x)
-    for s in range(3):
-        assert torch.allclose(y[4 * s:4 * s + 4], plain(x[4 * s:4 * s + 4]), atol=1e-5)
+    for x in (torch.randn(12, 4, 5, 5) * 3 + 1, torch.randn(12, 4, 5, 5).contiguous(memory_format=torch.channels_last),
+              torch.randn(12, 4)):
+        split = SplitBatchNorm(4, splits=3)
+        with torch.no_grad():
+            split.weight.uniform_(0.5, 2.0), split.bias.uniform_(-1, 1)
+        y = split(x)
+        plains = [torch.nn.BatchNorm2d(4) if x.dim() == 4 else torch.nn.BatchNorm1d(4) for _ in range(3)]
+        for s, plain in enumerate(plains):
+            plain.load_state_dict(split.state_dict() | {"running_mean": torch.zeros(4), "running_var": torch.ones(4),
+                                                        "num_batches_tracked": torch.tensor(0)})
+            assert torch.allclose(y[s::3], plain(x[s::3]), atol=1e-5)
+        assert torch.allclose(split.running_mean, torch.stack([p.running_mean for p in plains]).mean(0), atol=1e-6)
+        assert torch.allclose(split.running_var, torch.stack([p.running_var for p in plains]).mean(0), atol=1e-6)
+        assert int(split.num_batches_tracked) == 1
+        assert y.is_contiguous(memory_format=torch.channels_last) == (x.dim() == 4 and not x.is_contiguous())
     split.eval()
     assert torch.allclose(split(x), torch.nn.functional.batch_norm(
         x, split.running_mean, split.running_var, split.weight, split.bias, False), atol=1e-6)
+
+
+def test_split_bn_is_one_batch_norm_call_per_layer(tmp_path):
+    """Launch-bound loops cost little on the CPU and a lot on a GPU: a MoCo-v2 step with 8 BN splits makes
+    exactly one aten batch_norm call per BN layer per forward (student + teacher), the same count as plain BN,
+    and no per-slice cat (counted with the torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def counts(splits):
+        over = ["method.name=mocov2", f"model.bn_splits={splits}", "model.sync_bn=false",
+                "model.shuffle_bn=shuffle", "optim.batch_size=32"]
+        parts, loader, sched = _parts(tmp_path / str(splits), over)
+        loader.set_epoch(0)
+        batch = next(iter(loader))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            S.train_step(parts, batch, {k: v[0] for k, v in sched.items()}, 0)
+        ops = {e.key: e.count for e in prof.key_averages()}
+        student = parts.accelerator.unwrap_model(parts.student)
+        n_bn = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                   for net in (student, parts.teacher) for m in net.modules())
+        return ops, n_bn
+
+    ops8, n_bn = counts(8)
+    ops1, _ = counts(1)
+    assert ops8.get("aten::batch_norm") == ops1.get("aten::batch_norm") == n_bn, n_bn
+    for op in ("aten::cat", "aten::mul", "aten::split"):  # no per-slice normalise-and-concatenate
+        assert ops8.get(op, 0) <= ops1.get(op, 0) + 2, (op, ops8.get(op), ops1.get(op))
 
 
 def test_shuffle_puts_every_key_back(tmp_path):
@@ -185,7 +224,8 @@ def _bn_signatures(parts, steps, sched, b=32):
 
     def hook(name):
         def f(mod, inp, out):
-            x = inp[0].detach()
+            x = inp[0].detach()  # rows in SplitBatchNorm's order: row t·S + s is slice s's t-th image
+            x = x.reshape(x.shape[0] // splits, splits, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
             seen[name] = x.reshape(splits, x.shape[0] // splits, x.shape[1], -1).mean(dim=(1, 3))  # [S, C]
             seen[name + "_rows"] = x.reshape(x.shape[0], -1)
         return f

@@ -15,6 +15,7 @@ methods alike); medians over rounds; CUDA synchronized around each measured bloc
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import tempfile
@@ -85,6 +86,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--compare-per-pair", action="store_true",
                     help="also time every method with one forward per (query, key) pair (the engine before encode-once)")
+    ap.add_argument("--vary", default=None, metavar="KEY=V1,V2",
+                    help="time every method once per value of one config key in the same rounds (e.g. "
+                         "model.bn_splits=1,8: split BN against plain BN); results are named METHOD[KEY=V]")
     ap.add_argument("--name", default=None, help="evidence file name (default step_<device>)")
     ap.add_argument("--out", default="docs/benchmarks", help="evidence folder")
     ap.add_argument("overrides", nargs="*")
@@ -101,25 +105,19 @@ def _run(a, scratch: str) -> dict:
         _sepp_table(base, os.path.join(scratch, "sepp.npz"))
     runs = {}
     engines = [("", train_step)] + ([("@per_pair", per_pair_step)] if a.compare_per_pair else [])
-    for m in a.methods:
-        for suffix, fn in engines:
-            torch.manual_seed(0)
-            cfg, parts, loader, sched = build(a.config, m, a.overrides, scratch, a.backend)
-            it = iter(loader)
-
-            def next_batch(loader=loader):
-                nonlocal it
-                b = next(it, None)
-                if b is None:
-                    it = iter(loader)
-                    b = next(it)
-                return b
-
-            r = runs[m + suffix] = dict(cfg=cfg, parts=parts, sched=sched, next=next_batch, step=0, fn=fn)
-            if m == "ifnd":  # fill the table, then cluster once so elimination is active in the timed steps
-                for _ in range(max(a.warmup, len(loader))):
-                    _one(r)
-                parts.method.on_epoch_start(1, parts, loader)
+    variants = [("", [])]
+    if a.vary:
+        key, _, values = a.vary.partition("=")
+        variants = [(f"[{key}={v}]", [f"{key}={v}"]) for v in values.split(",")]
+    for m, (tag, vary), (suffix, fn) in itertools.product(a.methods, variants, engines):
+        torch.manual_seed(0)
+        cfg, parts, loader, sched = build(a.config, m, a.overrides + vary, scratch, a.backend)
+        r = runs[m + tag + suffix] = dict(cfg=cfg, parts=parts, sched=sched, next=_endless(loader).__next__,
+                                          step=0, fn=fn)
+        if m == "ifnd":  # fill the table, then cluster once so elimination is active in the timed steps
+            for _ in range(max(a.warmup, len(loader))):
+                _one(r)
+            parts.method.on_epoch_start(1, parts, loader)
     for r in runs.values():
         for _ in range(a.warmup):
             _one(r)
@@ -137,16 +135,17 @@ def _run(a, scratch: str) -> dict:
     res = {m: {"median_s_per_step": statistics.median(t), "img_per_s": gb / statistics.median(t), "times": t,
                **encoded[m]} for m, t in times.items()}
     for m in res:
-        ref = res.get("mocov2@per_pair" if m.endswith("@per_pair") else "mocov2")
+        tag = m[m.index("["):m.index("]") + 1] if "[" in m else ""
+        ref = res["mocov2" + tag + ("@per_pair" if m.endswith("@per_pair") else "")]
         res[m]["extra_vs_mocov2_pct"] = 100 * (res[m]["median_s_per_step"] / ref["median_s_per_step"] - 1)
         if m + "@per_pair" in res:  # before (one forward per pair) / after (every view once), same rounds
             res[m]["speedup_vs_per_pair"] = res[m + "@per_pair"]["median_s_per_step"] / res[m]["median_s_per_step"]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"{'method':16s} {'s/step':>9s} {'img/s':>9s} {'vs MoCo-v2':>11s} {'student/teacher img per sample':>31s} "
+    print(f"{'method':24s} {'s/step':>9s} {'img/s':>9s} {'vs MoCo-v2':>11s} {'student/teacher img per sample':>31s} "
           f"{'fwds':>7s} {'vs per-pair':>11s}")
     for m, r in res.items():
         sp = f"{r['speedup_vs_per_pair']:10.2f}x" if "speedup_vs_per_pair" in r else ""
-        print(f"{m:16s} {r['median_s_per_step']:9.4f} {r['img_per_s']:9.1f} {r['extra_vs_mocov2_pct']:+10.1f}% "
+        print(f"{m:24s} {r['median_s_per_step']:9.4f} {r['img_per_s']:9.1f} {r['extra_vs_mocov2_pct']:+10.1f}% "
               f"{r['student_images_per_sample']:15.1f} / {r['teacher_images_per_sample']:<13.1f} "
               f"{r['student_forwards_per_step']:3d}+{r['teacher_forwards_per_step']:<3d} {sp}")
     write_evidence(a.name or f"step_{dev}", {"config": to_yaml(base), "global_batch": gb, "steps": a.steps,
@@ -154,6 +153,12 @@ def _run(a, scratch: str) -> dict:
                                               "timing": "perf_counter around --steps consecutive steps, CUDA synced"},
                    a.out)
     return res
+
+
+def _endless(loader):
+    """The loader's batches, epoch after epoch (each run draws from its own loader)."""
+    while True:
+        yield from loader
 
 
 def _one(r: dict) -> None:

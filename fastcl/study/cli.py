@@ -26,8 +26,14 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--methods", nargs="+", default=list(method_runs()), choices=list(method_runs()))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=6, help="scratch: training epochs; warm: E1, epochs after the base")
-    ap.add_argument("--protocol", default="scratch", choices=["scratch", "warm"])
+    ap.add_argument("--protocol", default="scratch", choices=["scratch", "warm", "ladder"])
     ap.add_argument("--warm-epochs", type=int, default=0, help="warm: E0, epochs of the shared MoCo-v2 base")
+    ap.add_argument("--rungs", type=int, nargs="+", default=[],
+                    help="ladder: epochs of the long MoCo-v2 base whose checkpoints are the rungs (the last = its length)")
+    ap.add_argument("--base-only", action="store_true", help="ladder: train and measure the rungs, no continuations")
+    ap.add_argument("--base-knn-every", type=int, default=5, help="ladder: epochs between the base's kNN monitor runs")
+    ap.add_argument("--rung-probe", action=argparse.BooleanOptionalAction, default=True,
+                    help="ladder: linear probe of every rung (fastcl.eval.linear)")
     ap.add_argument("--sweep", nargs="*", default=[], choices=SWEEPS)
     ap.add_argument("--precisions", type=float, nargs="+", default=list(PRECISIONS))
     ap.add_argument("--degrade", default="add", choices=["add", "replace"], help="method.oracle.degrade of the sweep")
@@ -47,7 +53,10 @@ def parse(argv=None) -> argparse.Namespace:
     checks = ((len(set(a.seeds)) != len(a.seeds) or min(a.seeds) < 0, f"--seeds must be distinct and >= 0, got {a.seeds}"),
               (a.epochs < 1, f"--epochs must be >= 1, got {a.epochs}"),
               (a.protocol == "warm" and a.warm_epochs < 1, "--protocol warm needs --warm-epochs E0 >= 1"),
-              (a.protocol == "scratch" and a.warm_epochs, "--warm-epochs is for --protocol warm"),
+              (a.protocol != "warm" and a.warm_epochs, "--warm-epochs is for --protocol warm"),
+              (a.protocol != "ladder" and (a.rungs or a.base_only), "--rungs / --base-only are for --protocol ladder"),
+              (a.protocol == "ladder" and not a.rungs, "--protocol ladder needs --rungs E1 E2 ..."),
+              (a.base_knn_every < 0, f"--base-knn-every must be >= 0, got {a.base_knn_every}"),
               (not all(0 < p <= 1 for p in a.precisions), f"--precisions must lie in (0, 1], got {a.precisions}"),
               (not all(-1 <= t <= 1 for t in a.sepp_thresholds), f"--sepp-thresholds are cosines in [-1, 1], "
                                                                    f"got {a.sepp_thresholds}"),
@@ -150,25 +159,45 @@ def _main(a) -> int:
         for flag, path in (("--test", test), ("--bank", bank)):
             if not os.path.isdir(path):
                 raise StudyError(f"{flag}: image folder not found: {path}")
+    root = os.path.join(a.out, a.protocol)
+    if a.protocol == "ladder":
+        return _ladder(a, cfg, bank, test, root)
     specs = plan(a, cfg)
     print(f"study: {len(specs)} runs ({a.protocol}, seeds {a.seeds}, epochs {a.epochs}"
-          f"{f' after {a.warm_epochs} warm' if a.warm_epochs else ''}) in {os.path.join(a.out, a.protocol)}",
-          flush=True)
+          f"{f' after {a.warm_epochs} warm' if a.warm_epochs else ''}) in {root}", flush=True)
+    results, tables = _train_all(a, specs, bank, test)
+    if results is None:
+        return 3
+    if "sepp-threshold" in a.sweep:
+        for s in a.seeds:  # the curve needs every seed's table, also when SePP's runs were all skipped
+            src = os.path.join(root, "_base" if a.protocol == "warm" else REFERENCE, f"seed{s}")
+            tables.setdefault(s, mine_partners(src, os.path.join(root, "_tables", f"seed{s}.npz")))
+    summary = report.write(a, results, tables, root)
+    print(f"study: wrote {summary}", flush=True)
+    return 0
+
+
+def _train_all(a, specs: list[RunSpec], bank: str, test: str):
+    """Train (skip / resume) and evaluate every spec in order. Returns (results, SePP tables by seed), or
+    (None, None) when a run was stopped by a signal (the same command continues it)."""
+    from fastcl.checkpoint import META
+
     results, tables = [], {}
     for i, spec in enumerate(specs, 1):
-        head = f"[{i}/{len(specs)}] {spec.variant} seed {spec.seed}"
+        head = f"[{i}/{len(specs)}] {spec.variant} seed {spec.seed}" + (f" rung e{spec.info['rung']}"
+                                                                         if "rung" in spec.info else "")
         if spec.table and not finished(spec.run_dir):
-            if not finished(spec.table["source"]):
-                raise StudyError(f"{spec.variant} needs the partner table mined from {spec.table['source']}, "
-                                 f"which did not finish")
-            tables[spec.seed] = mine_partners(spec.table["source"], spec.table["path"])
+            src = spec.table["source"]  # a finished run, or a checkpoint directory (a ladder rung)
+            if not (finished(src) or os.path.isfile(os.path.join(src, META))):
+                raise StudyError(f"{spec.variant} needs the partner table mined from {src}, which did not finish")
+            tables[spec.seed] = mine_partners(src, spec.table["path"])
         t0 = time.time()
         print(f"{head}: {'done, skipped' if finished(spec.run_dir) else 'training'}", flush=True)
         how, res = train_run(a.config, spec)
         if res.get("preempted"):
             print(f"{head}: stopped by a signal (checkpoint written); run the same command again to continue",
                   flush=True)
-            return 3
+            return None, None
         if spec.variant == "_base":
             continue
         knn = evaluate(spec.run_dir, bank, test, a.workers)
@@ -177,10 +206,34 @@ def _main(a) -> int:
                   f"k=20 {knn['20']:.2f}", flush=True)
         results.append({"variant": spec.variant, "method": spec.method, "seed": spec.seed, "run_dir": spec.run_dir,
                         "knn": knn, **spec.info})
-    if "sepp-threshold" in a.sweep:
-        for s in a.seeds:  # the curve needs every seed's table, also when SePP's runs were all skipped
-            src = os.path.join(a.out, a.protocol, "_base" if a.protocol == "warm" else REFERENCE, f"seed{s}")
-            tables.setdefault(s, mine_partners(src, os.path.join(a.out, a.protocol, "_tables", f"seed{s}.npz")))
-    summary = report.write(a, results, tables, os.path.join(a.out, a.protocol))
-    print(f"study: wrote {summary}", flush=True)
+    return results, tables
+
+
+def _ladder(a, cfg, bank: str, test: str, root: str) -> int:
+    """The ladder protocol (fastcl/study/ladder.py): the long base, its rungs measured, then the continuations."""
+    from fastcl.study import ladder, report
+
+    ladder.check(a, cfg)
+    base = ladder.base_spec(a, root)
+    print(f"study: ladder base ({max(a.rungs)} epochs, rungs {sorted(a.rungs)}) in {base.run_dir}", flush=True)
+    t0 = time.time()
+    how, res = train_run(a.config, base)
+    if res.get("preempted"):
+        print("study: the ladder base was stopped by a signal (checkpoint written); run the same command again",
+              flush=True)
+        return 3
+    if how != "done":
+        print(f"study: ladder base {how}, {(time.time() - t0) / 60:.1f} min", flush=True)
+    ladder.measure_rungs(a, base.run_dir, bank, test, os.path.join(root, "rungs.json"))
+    if a.base_only:
+        return 0
+    specs = ladder.continuation_specs(a, root, variants(a), base.run_dir)
+    print(f"study: {len(specs)} continuations (rungs {sorted(a.rungs)}, seeds {a.seeds}, {a.epochs} epochs each)",
+          flush=True)
+    results, _ = _train_all(a, specs, bank, test)
+    if results is None:
+        return 3
+    for r in sorted(a.rungs):
+        summary = report.write(a, [x for x in results if x["rung"] == r], {}, os.path.join(root, f"e{r}"))
+        print(f"study: wrote {summary}", flush=True)
     return 0
