@@ -62,9 +62,13 @@ class ModelCfg:
     # keys as they come) | shuffle (keys shuffled across devices / BN groups, un-shuffled after: MoCo
     # `_batch_shuffle_ddp`) | sync (global statistics). Default per recipe (docs/RECIPES.md).
     shuffle_bn: str = "off"
-    # BN groups per process: statistics over B_local / bn_splits images, for student and teacher (MoCo CIFAR
-    # demo `SplitBatchNorm(bn_splits=8)`, SCE `simulate_n_devices`): one device simulating that many GPUs.
+    # BN groups per process: statistics over B_local / bn_splits images (MoCo CIFAR demo `SplitBatchNorm(bn_splits=8)`,
+    # SCE `simulate_n_devices`): one device simulating that many GPUs.
     bn_splits: int = 1
+    # which BN layers bn_splits splits: all (student and teacher, every BN: the MoCo demo) | teacher_conv (only the
+    # teacher's BatchNorm2d; the student and the teacher's projector keep full-batch BN: SCE's
+    # convert_to_split_batchnorm on its momentum trunk and projector, which converts BatchNorm2d only)
+    bn_split_scope: str = "all"
 
 
 @dataclass
@@ -340,6 +344,8 @@ def validate(cfg: DictConfig) -> None:
         mo.shuffle_bn = "off"
     _need(mo.shuffle_bn in ("off", "shuffle", "sync"), "model.shuffle_bn", f"{mo.shuffle_bn!r} not in off|shuffle|sync")
     _need(mo.bn_splits >= 1, "model.bn_splits", f"must be >= 1, got {mo.bn_splits}")
+    _need(mo.bn_split_scope in ("all", "teacher_conv"), "model.bn_split_scope",
+          f"{mo.bn_split_scope!r} not in all|teacher_conv")
     _need(mo.proj_layers >= 1, "model.proj_layers", f"must be >= 1, got {mo.proj_layers}")
     _need(len(d.aug.views) >= 2, "data.aug.views", f"need at least 2 views, got {len(d.aug.views)}")
     for i, v in enumerate(d.aug.views):

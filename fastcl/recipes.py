@@ -29,7 +29,7 @@ MD_PATH = os.path.join(REPO, "docs", "RECIPES.md")
 EXP_DIR = os.path.join(REPO, "configs", "exp")
 
 MODEL_KEYS = ["arch", "cifar_stem", "width", "proj_hidden", "proj_dim", "proj_layers", "proj_bn", "proj_out_bn",
-              "pred_hidden", "sync_bn", "shuffle_bn", "bn_splits"]
+              "pred_hidden", "sync_bn", "shuffle_bn", "bn_splits", "bn_split_scope"]
 OPTIM_KEYS = ["name", "batch_size", "lr", "base_batch", "momentum", "weight_decay", "warmup_epochs", "min_lr",
               "clip_grad"]
 QUEUE_METHOD_KEYS = ["tau", "queue_size", "batch_negatives", "symmetric", "ema", "ema_end"]

@@ -157,8 +157,9 @@ def setup(cfg, accelerator):
     if mo.bn_splits > 1 and mo.sync_bn and world > 1:
         raise ConfigError("model.bn_splits > 1 simulates per-device BN, model.sync_bn=true makes it global: choose one")
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
-    encoder = convert_split_bn(build_encoder(mo), mo.bn_splits)
-    student = Student(encoder, convert_split_bn(build_predictor(mo), mo.bn_splits), mo.bn_splits, t.channels_last)
+    s_splits = mo.bn_splits if mo.bn_split_scope == "all" else 1  # teacher_conv: the student keeps full-batch BN
+    encoder = convert_split_bn(build_encoder(mo), s_splits)
+    student = Student(encoder, convert_split_bn(build_predictor(mo), s_splits), s_splits, t.channels_last)
     student = student.to(device, memory_format=memory_format)
     try:
         method = build_method(cfg, n).to(device)
@@ -168,6 +169,8 @@ def setup(cfg, accelerator):
     # The teacher is copied BEFORE the student's BN goes global, so that its BN follows model.shuffle_bn alone:
     # off = like the student's, shuffle = per device / per BN slice on shuffled keys, sync = global.
     teacher = None if method.inbatch else make_teacher(student.encoder)
+    if teacher is not None and mo.bn_split_scope == "teacher_conv":
+        teacher = convert_split_bn(teacher, mo.bn_splits, (torch.nn.BatchNorm2d,))
     if mo.sync_bn:  # after .to(device): SyncBatchNorm on CUDA, an all-reduce BN on CPU (gloo)
         student = convert_sync_bn(student)
     if teacher is not None and mo.shuffle_bn == "sync":

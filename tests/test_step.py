@@ -198,6 +198,23 @@ def test_split_bn_is_one_batch_norm_call_per_layer(tmp_path):
         assert ops8.get(op, 0) <= ops1.get(op, 0) + 2, (op, ops8.get(op), ops1.get(op))
 
 
+def test_teacher_conv_scope_splits_only_the_teacher_trunk(tmp_path):
+    """model.bn_split_scope=teacher_conv (SCE's simulate_n_devices): only the teacher's BatchNorm2d layers are split;
+    the student and the teacher's projector BN1d keep full-batch BN, and a step trains with the keys shuffled."""
+    over = ["method.name=sce", "model.bn_splits=4", "model.bn_split_scope=teacher_conv", "model.sync_bn=false",
+            "model.shuffle_bn=shuffle", "model.proj_bn=true"]
+    parts, loader, sched = _parts(tmp_path, over)
+    student = parts.accelerator.unwrap_model(parts.student)
+    assert not any(isinstance(m, SplitBatchNorm) for m in student.modules()) and student.bn_splits == 1
+    trunk = [m for m in parts.teacher.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    head = [m for m in parts.teacher.projector.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert trunk and all(isinstance(m, SplitBatchNorm) and m.splits == 4 for m in trunk)
+    assert head and not any(isinstance(m, SplitBatchNorm) for m in head)
+    loader.set_epoch(0)
+    logs = S.train_step(parts, next(iter(loader)), {k: v[0] for k, v in sched.items()}, 0)
+    assert torch.isfinite(logs["loss"])
+
+
 def test_shuffle_puts_every_key_back(tmp_path):
     """With the teacher's BN frozen (eval), ShuffleBN must return exactly the unshuffled keys: the permutation
     and its inverse are right; only the BN statistics a key sees change in training mode."""

@@ -190,16 +190,17 @@ def _swap_bn(module: nn.Module, swap: tuple, make) -> nn.Module:
     return out
 
 
-def convert_split_bn(module: nn.Module, splits: int) -> nn.Module:
-    """Swap plain BatchNorm layers for SplitBatchNorm(splits) (splits = 1 and none there yet: unchanged). An
-    existing SplitBatchNorm gets the new count (the teacher of `model.shuffle_bn=sync` uses 1)."""
+def convert_split_bn(module: nn.Module, splits: int, kinds: tuple = _PLAIN_BN) -> nn.Module:
+    """Swap the plain BatchNorm layers of the classes `kinds` (default: every plain BN) for SplitBatchNorm(splits)
+    (splits = 1 and none there yet: unchanged). An existing SplitBatchNorm gets the new count (the teacher of
+    `model.shuffle_bn=sync` uses 1)."""
     for m in module.modules():
         if isinstance(m, SplitBatchNorm):
             m.splits = splits
     if splits == 1:
         return module
-    return _swap_bn(module, _PLAIN_BN, lambda bn: SplitBatchNorm(bn.num_features, splits, bn.eps, bn.momentum,
-                                                                 bn.affine, bn.track_running_stats))
+    return _swap_bn(module, kinds, lambda bn: SplitBatchNorm(bn.num_features, splits, bn.eps, bn.momentum,
+                                                              bn.affine, bn.track_running_stats))
 
 
 def _to_allreduce_bn(module: nn.Module, process_group) -> nn.Module:
