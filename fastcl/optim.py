@@ -18,23 +18,29 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One update per param group in multi-tensor (foreach) ops: the kernels launched do not grow with the
+        number of parameters, except one scaling per tensor for its trust ratio."""
         for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad
-                if not g["lars_exclude"]:
-                    if g["weight_decay"]:
-                        d = d.add(p, alpha=g["weight_decay"])
-                    pn, dn = torch.norm(p), torch.norm(d)
-                    trust = torch.where((pn > 0) & (dn > 0), g["eta"] * pn / dn, torch.ones_like(pn))
-                    d = d.mul(trust)
-                buf = self.state[p].get("momentum_buffer")
-                if buf is None:
-                    buf = self.state[p]["momentum_buffer"] = d.clone()
-                else:
-                    buf.mul_(g["momentum"]).add_(d)
-                p.add_(buf, alpha=-g["lr"])
+            params = [p for p in g["params"] if p.grad is not None]
+            if not params:
+                continue
+            d = [p.grad for p in params]
+            if not g["lars_exclude"]:
+                if g["weight_decay"]:
+                    d = torch._foreach_add(d, params, alpha=g["weight_decay"])
+                pn = torch.stack(torch._foreach_norm(params))  # [P]
+                dn = torch.stack(torch._foreach_norm(d))
+                trust = torch.where((pn > 0) & (dn > 0), g["eta"] * pn / dn, torch.ones_like(pn))
+                d = torch._foreach_mul(d, list(trust.unbind()))
+            bufs = []
+            for p, di in zip(params, d):
+                st = self.state[p]
+                if "momentum_buffer" not in st:  # first step: the buffer is the update itself
+                    st["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(st["momentum_buffer"])
+            torch._foreach_mul_(bufs, g["momentum"])
+            torch._foreach_add_(bufs, d)
+            torch._foreach_add_(params, bufs, alpha=-g["lr"])
 
 
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:

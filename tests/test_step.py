@@ -313,6 +313,34 @@ def test_lars_trust_ratio_and_exclusions():
     assert torch.allclose(z, -torch.ones(1, 2))  # ||w|| = 0: trust ratio 1, not 0 or NaN
 
 
+def _lars_step_ops(n: int) -> list[str]:
+    """The operators one LARS step calls directly (not their CPU fallbacks), for n matrices + n vectors."""
+    from torch.profiler import profile
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(8, 4)) for _ in range(n)] + [torch.nn.Parameter(torch.randn(4))
+                                                                          for _ in range(n)]
+    opt = LARS([{"params": params[:n]}, {"params": params[n:], "lars_exclude": True, "weight_decay": 0.0}],
+               lr=0.1, momentum=0.9, weight_decay=1e-4)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    with profile() as prof:
+        opt.step()
+    views = ("aten::select", "aten::unbind", "aten::as_strided")  # no kernel
+    return sorted(e.name for e in prof.events()
+                  if e.cpu_parent is not None and e.cpu_parent.name.startswith("Optimizer.step") and e.name not in views)
+
+
+def test_lars_step_is_multi_tensor():
+    """LARS launches its norms, momentum and update as foreach ops over all parameters of a group (a per-parameter
+    loop costs ~10 kernel launches per tensor on a GPU): the operators a step calls do not grow with the number of
+    parameters (on the CPU the foreach ops fall back to per-tensor loops inside; on CUDA they are fused)."""
+    small, large = _lars_step_ops(6), _lars_step_ops(24)
+    assert small == large, (small, large)
+    assert small.count("aten::_foreach_norm") == 2 and "aten::linalg_vector_norm" not in small
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name,over,one_over", [
     ("sce_sym_multicrop", ["method.name=sce", "method.symmetric=true", _views([16, 16, 8, 8])], []),
