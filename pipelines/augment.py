@@ -88,8 +88,9 @@ def as_view_spec(v) -> ViewSpec:
 
 
 def host_to_device(t: Tensor, device: torch.device) -> Tensor:
-    """Host tensor -> device without a sync (pinned + non_blocking for CUDA)."""
-    if device.type == "cuda":
+    """Host tensor -> device without a sync (pinned + non_blocking for CUDA; the caching host allocator keeps the
+    pinned copy alive until the transfer is done). A tensor already on a device is moved with .to()."""
+    if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
@@ -163,7 +164,7 @@ def crop_resize(images: Tensor, boxes: Tensor, size: int) -> Tensor:
     """
     B, _, H, W = images.shape
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    b = boxes.to(device=x.device, dtype=torch.float32)
+    b = host_to_device(boxes.to(torch.float32), x.device)  # pinned + non_blocking: no sync per view on CUDA
     y0, x0, h, w = b.unbind(1)
     theta = torch.zeros(B, 2, 3, device=x.device)
     # output [-1,1] must land on the box edges [x0, x0+w] in normalized coords (pixel edge 0 -> -1, W -> 1)

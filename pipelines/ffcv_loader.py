@@ -33,7 +33,7 @@ import os
 import numpy as np
 import torch
 
-from fastcl.pipelines.augment import device_stage, seed_for
+from fastcl.pipelines.augment import device_stage, host_to_device, seed_for
 from fastcl.pipelines.batch import Batch, register
 from fastcl.pipelines.folder import split_path
 from fastcl.pipelines.ffcv_multicrop import Control, layout, multi_view_decoder, read_meta, split_views
@@ -175,9 +175,11 @@ class FFCVLoader(ShardedLoader):  # length, epochs, mid-epoch resume
         try:
             for k, out in enumerate(it, start=start):
                 named = dict(zip(self._out_names, out))
-                # ffcv reuses its output buffers a few batches later: copy the small id/label tensors now
-                index = named["index"].view(-1).to(dev, copy=True, non_blocking=True)
-                label = named["label"].view(-1).to(dev, copy=True, non_blocking=True)
+                # ffcv refills its output buffers (pinned when CUDA is present) a few batches later: the small
+                # id/label tensors are copied on the host first, so the transfer to the device reads memory that
+                # nothing refills (a non_blocking copy straight out of the slot is not ordered before the refill)
+                index = host_to_device(named["index"].view(-1).clone(), dev)
+                label = host_to_device(named["label"].view(-1).clone(), dev)
                 g = torch.Generator().manual_seed(seed_for(self.seed, epoch, self.rank, k, DEVICE_STREAM))
                 if self._control is not None:
                     packed = named["image"]
