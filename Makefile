@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml | $(PY)
 	fi
 	# torch first and pinned: an unpinned torch next to its dependants pulls a CUDA build (GBs).
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev,dali]'
+	$(PIP) install -q -e '.[dev,dali,cpu]'
 	$(PIP) install -q setuptools wheel pkgconfig
 	$(PIP) install -q --no-build-isolation 'ffcv==1.0.2' 'opencv-python==5.0.0.93' \
 	  || echo "WARNING: ffcv did not build: the ffcv backend will be unavailable"

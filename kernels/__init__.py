@@ -5,7 +5,8 @@ Same signatures as the contract functions in ``fastcl.objectives`` plus a keywor
 * ``"torch"``: the reference (``fastcl.kernels.reference`` = ``fastcl.objectives.targets``), any device.
 * ``"numba"``: ``fastcl.kernels.cuda`` for CUDA tensors, ``fastcl.kernels.cpu`` for CPU tensors (raises if the
   tensor's device has no numba kernel, e.g. CUDA tensors without a usable ``numba.cuda``).
-* ``"auto"`` (default): the CUDA kernel for CUDA tensors when ``numba.cuda.is_available()``; the numba CPU kernel
+* ``"auto"`` (default): the CUDA kernel for CUDA tensors when ``numba.cuda`` is usable (a probe kernel compiles and
+  runs once per process; otherwise one warning and torch); the numba CPU kernel
   for CPU tensors of at least ``NUMBA_CPU_MIN_ELEMENTS`` entries (below that the first call's cache load and the
   thread-pool launch cost more than torch spends); torch otherwise (no numba, other devices, small inputs).
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import warnings
 from types import ModuleType
 
 from torch import Tensor
@@ -23,7 +25,7 @@ from torch import Tensor
 from fastcl.kernels import reference
 
 __all__ = ["sce_target", "slr_target", "ifnd_valid", "ifnd_attraction_target", "choose_backend",
-           "NUMBA_CPU_MIN_ELEMENTS", "BACKENDS"]
+           "NUMBA_CPU_MIN_ELEMENTS", "BACKENDS", "describe"]
 
 BACKENDS = ("auto", "torch", "numba")
 # 256 x 1,024. Below it numba's fixed costs win over its speed: ~0.1 ms per call (argument conversion, type
@@ -39,16 +41,42 @@ def _numba_installed() -> bool:
     return importlib.util.find_spec("numba") is not None
 
 
+def _compile_probe() -> None:
+    """Compile and run a one-line numba.cuda kernel (fastcl.kernels.cuda.probe). `cuda.is_available()` alone says
+    nothing of libNVVM or of a PTX newer than the driver: those fail at the first compile, which would otherwise be
+    the first training step."""
+    from fastcl.kernels import cuda as cuda_kernels
+    cuda_kernels.probe()
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_usable() -> bool:
-    """numba.cuda importable and a CUDA device visible to it (imported here, on first CUDA tensor only)."""
+    """numba.cuda importable, a CUDA device visible to it, and a probe kernel compiles and runs (once per process,
+    on the first CUDA tensor). Otherwise the kernels fall back to torch, said in one line."""
     if not _numba_installed():
         return False
     try:
         from numba import cuda
-        return bool(cuda.is_available())
-    except Exception:  # numba-cuda missing or its driver bindings broken: fall back to torch
+        if not cuda.is_available():
+            return False
+        _compile_probe()
+    except Exception as e:  # numba-cuda missing, libNVVM missing, PTX too new for the driver, broken bindings
+        warnings.warn(f"numba.cuda is not usable here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
+                      f"the label-assignment target kernels run on torch instead", RuntimeWarning, stacklevel=2)
         return False
+    return True
+
+
+def describe(backend: str, device) -> str:
+    """One line: which implementation `backend` (method.kernel) runs for tensors on `device`."""
+    dev = getattr(device, "type", str(device))
+    if backend == "torch" or not _numba_installed():
+        return "torch"
+    if dev == "cuda":
+        return "numba.cuda" if _cuda_usable() else "torch (numba.cuda not usable)"
+    if dev == "cpu":
+        return "numba njit" if backend == "numba" else f"numba njit from {NUMBA_CPU_MIN_ELEMENTS} entries, torch below"
+    return "torch"
 
 
 def choose_backend(backend: str, t: Tensor) -> str:

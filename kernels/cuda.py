@@ -25,7 +25,7 @@ import torch
 from numba import cuda
 from torch import Tensor
 
-__all__ = ["TPB", "launch_sce", "launch_slr", "launch_ifnd", "launch_attraction",
+__all__ = ["TPB", "probe", "launch_sce", "launch_slr", "launch_ifnd", "launch_attraction",
            "sce_target", "slr_target", "ifnd_valid", "ifnd_attraction_target"]
 
 # Threads per block (a power of two for the tree reductions). 512 on a GPU: 256 rows x 512 threads fills an H100
@@ -209,6 +209,22 @@ def attraction_kernel(pos, row_labels, col_labels, valid, has_valid, out):
 
 def launch_sce(x, pos, lam, tau_m, valid, has_valid, self_logit, has_self, out, stream=0) -> None:
     sce_kernel[x.shape[0], TPB, stream](x, pos, lam, tau_m, valid, has_valid, np.float32(self_logit), has_self, out)
+
+
+@cuda.jit
+def _add_one(a):
+    i = cuda.grid(1)
+    if i < a.shape[0]:
+        a[i] += _ONE
+
+
+def probe() -> None:
+    """Compile and run a one-line kernel (fastcl.kernels probes usability with it once per process). Raises when
+    numba.cuda cannot compile (libNVVM missing) or run (a PTX newer than the driver) here."""
+    d = cuda.to_device(np.zeros(4, dtype=_F))
+    _add_one[1, 4](d)
+    if not (d.copy_to_host() == _ONE).all():
+        raise RuntimeError("the probe kernel computed wrong values")
 
 
 def launch_slr(x, pos, mu, temperature, valid, has_valid, out, stream=0) -> None:

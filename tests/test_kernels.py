@@ -136,6 +136,25 @@ def test_cuda_kernels_on_simulator():
     assert r.returncode == 0 and "OK" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
 
 
+def test_cuda_usability_is_probed_by_compiling_a_kernel():
+    """numba.cuda counts as usable only when a probe kernel compiles and runs (in the simulator here); a compile
+    failure (libNVVM missing, PTX too new for the driver) falls back to torch with one warning line."""
+    pytest.importorskip("numba.cuda")
+    code = ("import warnings, fastcl.kernels as k\n"
+            "assert k._cuda_usable()\n"
+            "def broken():\n    raise RuntimeError('libNVVM cannot be found')\n"
+            "k._compile_probe = broken; k._cuda_usable.cache_clear()\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    assert not k._cuda_usable() and not k._cuda_usable()\n"
+            "assert len(w) == 1 and 'libNVVM' in str(w[0].message) and 'torch' in str(w[0].message), w\n"
+            "assert k.describe('auto', 'cuda').startswith('torch')\n"
+            "print('OK')\n")
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert r.returncode == 0 and "OK" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_kernels_on_torch_tensors():

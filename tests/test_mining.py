@@ -65,6 +65,19 @@ def test_choose_engine():
     if faiss_num_gpus() == 0:   # the silent-CPU trap (fastcl/mining/engine.py) must be a loud error here
         with pytest.raises(ValueError):
             choose_engine("faiss-gpu")
+        # features on a GPU: torch on the device, never a silent host round trip through faiss-cpu
+        assert choose_engine("auto", "cuda") == "torch"
+        assert choose_engine("auto", "cpu") == ("faiss-cpu" if HAVE_FAISS else "torch")
+
+
+def test_two_faiss_distributions_are_refused(monkeypatch):
+    """faiss-cpu and faiss-gpu both install the top-level `faiss` package: with both present the import names both
+    instead of silently using whichever was installed last."""
+    from fastcl.mining import engine
+
+    monkeypatch.setattr(engine, "installed_faiss", lambda: ["faiss-cpu", "faiss-gpu"])
+    with pytest.raises(ImportError, match="faiss-cpu and faiss-gpu"):
+        engine.faiss_module()
 
 
 # ---------------------------------------------------------------------------------------------------- k-means

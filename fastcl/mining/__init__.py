@@ -1,6 +1,6 @@
 """Miners: spherical k-means pseudo labels (IFND) and kNN semantic pairs (SePP), faiss with a torch fallback.
 
-Run on rank 0 and broadcast (DESIGN.md "State contract"); see backend.py for how the engine is chosen.
+Run on rank 0 and broadcast (DESIGN.md "State contract"); see engine.py for how the engine is chosen.
 """
 from fastcl.mining.engine import choose_engine, gpu_resources
 from fastcl.mining.kmeans import KMeansResult, spherical_kmeans

@@ -62,7 +62,7 @@ def spherical_kmeans(x: Tensor, k: int, niter: int = 20, nredo: int = 1, seed: i
     if n < k * min_points_per_centroid:
         warnings.warn(f"k-means of {n} points into {k} clusters: fewer than {min_points_per_centroid} points "
                       "per centroid", stacklevel=2)
-    backend = choose_engine(backend)
+    backend = choose_engine(backend, x.device)
     xn = F.normalize(x.detach().float(), dim=1).contiguous()
     g = torch.Generator().manual_seed(seed)     # CPU generator: CPU and CUDA runs draw the same points
     xt = xn

@@ -37,7 +37,7 @@ def knn_search(queries: Tensor, bank: Tensor, k: int, backend: str = "auto", exc
         raise ValueError("k must be >= 1")
     if exclude_self_ids is not None and exclude_self_ids.shape != (m,):
         raise ValueError(f"exclude_self_ids must have shape [{m}], got {tuple(exclude_self_ids.shape)}")
-    backend = choose_engine(backend)
+    backend = choose_engine(backend, queries.device)
     if ivf_nlist > 0 and backend == "torch":
         raise ValueError("ivf_nlist > 0 needs a faiss backend; the torch engine only does exact search")
     k_ask = min(n, k + (exclude_self_ids is not None))
@@ -141,7 +141,7 @@ def pca_reduce(x: Tensor, dim: int, backend: str = "auto", max_train: int = 2621
     n, d = x.shape
     if not 0 < dim <= d:
         raise ValueError(f"pca_dim must be in (0, {d}], got {dim}")
-    backend = choose_engine(backend)
+    backend = choose_engine(backend, x.device)
     train = x
     if n > max_train:
         train = x[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_train].to(x.device)]

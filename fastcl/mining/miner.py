@@ -1,6 +1,6 @@
 """Stateful miners the trainer holds: ClusterMiner (IFND pseudo labels) and NeighbourMiner (SePP pairs).
 
-DESIGN.md "State contract": a miner computes on rank 0 only (faiss GPU, faiss CPU or torch: see backend.py)
+DESIGN.md "State contract": a miner computes on rank 0 only (faiss GPU, faiss CPU or torch: fastcl/mining/engine.py)
 and broadcasts its tables to every rank; the other ranks pass features=None (anything they pass is ignored, so
 they need not hold the full feature table). Every rank must call refresh/mine together: they are collectives.
 If rank 0 fails, the error is broadcast first so the other ranks raise too instead of hanging in a broadcast.
