@@ -28,13 +28,31 @@ def warmup_cosine(peak: float, total: int, warmup: int, floor: float = 0.0) -> n
     return out
 
 
+def epoch_cosine(peak: float, epochs: int, warmup: int = 0, floor: float = 0.0) -> np.ndarray:
+    """One lr per epoch: linear warm-up over `warmup` epochs, then epoch e (1-based after the warm-up, of E) gets
+    floor·peak + (peak - floor·peak)(1 + cos(pi e / E)) / 2, as the MoCo CIFAR demo's adjust_learning_rate, which
+    runs before epoch e's first step with e counted from 1 (its log: lr 0.059996 in epoch 1 of 200)."""
+    out = np.empty(epochs, dtype=np.float64)
+    w = min(warmup, epochs)
+    out[:w] = peak * (np.arange(w) + 1) / max(w, 1)
+    rest = epochs - w
+    if rest > 0:
+        e = (np.arange(rest) + 1) / rest
+        out[w:] = floor * peak + (peak - floor * peak) * (1 + np.cos(math.pi * e)) / 2
+    return out
+
+
 def build_schedules(cfg, steps_per_epoch: int) -> dict[str, np.ndarray]:
     """lr (batch-scaled), weight decay and EMA momentum for every step of the run."""
     total = cfg.trainer.epochs * steps_per_epoch
     o = cfg.optim
     lr = o.lr * (o.batch_size / o.base_batch if o.base_batch > 0 else 1.0)
+    if o.schedule_granularity == "epoch":  # one value per epoch, held for its steps (the MoCo CIFAR demo)
+        lrs = np.repeat(epoch_cosine(lr, cfg.trainer.epochs, int(round(o.warmup_epochs)), o.min_lr), steps_per_epoch)
+    else:
+        lrs = warmup_cosine(lr, total, int(round(o.warmup_epochs * steps_per_epoch)), o.min_lr)
     s = {
-        "lr": warmup_cosine(lr, total, int(round(o.warmup_epochs * steps_per_epoch)), o.min_lr),
+        "lr": lrs,
         "wd": np.full(total, o.weight_decay),
         "ema": cosine_ramp(cfg.method.ema, cfg.method.ema_end, total),
     }

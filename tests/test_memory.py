@@ -31,3 +31,23 @@ def test_sample_table_scatter_by_id():
     t.update(torch.tensor([7, 2]), torch.ones(2, 4))
     assert t.seen.nonzero().flatten().tolist() == [2, 7] and t.feats[7].sum() == 4
     assert math.isclose(t.coverage(), 0.2, rel_tol=1e-6)
+
+
+def test_sample_table_repeated_ids_write_the_last_occurrence_in_any_order():
+    """A symmetric step pushes every id twice. Whatever order the device applies the writes in (CUDA leaves it to
+    the scheduler), the table ends with each id's LAST row: every occurrence writes that row."""
+    from fastcl.memory.sample_table import last_occurrence
+
+    ids = torch.tensor([3, 5, 3, 7, 5, 3])
+    feats = torch.arange(6, dtype=torch.float32)[:, None].expand(6, 4).clone()
+    src = last_occurrence(ids, 10)
+    assert src.tolist() == [5, 4, 5, 3, 4, 5]
+    want = SampleTable(10, 4, torch.float32)
+    want.update(ids, feats)
+    assert want.feats[3, 0] == 5 and want.feats[5, 0] == 4 and want.feats[7, 0] == 3
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):  # the writes applied one by one in a random order give the same table
+        table = torch.zeros(10, 4)
+        for i in torch.randperm(6, generator=g).tolist():
+            table[ids[i]] = feats[src[i]]
+        assert torch.equal(table, want.feats)
