@@ -109,6 +109,9 @@ class OptimCfg:
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.0
     min_lr: float = 0.0  # cosine floor, as a fraction of the peak lr
+    # step: the lr changes every step; epoch: one value per epoch (fastcl.schedules.epoch_cosine), as the MoCo
+    # CIFAR demo's adjust_learning_rate
+    schedule_granularity: str = "step"
     lars_eta: float = 0.001
     clip_grad: float = 0.0  # >0: clip the global grad norm
 
@@ -137,6 +140,9 @@ class TrainerCfg:
     compile: bool = False
     channels_last: bool = True
     cpu: bool = False  # force CPU even when a GPU is visible
+    # timeout of every collective (torch.distributed process group). torch's default is 10 min; rank-0 work between
+    # two collectives (mining at an epoch start on ImageNet) is bounded by it, so ours is 30 min (our choice)
+    collective_timeout_s: int = 1800
     progress: bool = True
     skip_nonfinite: bool = False
     # a file whose appearance stops the run like SIGUSR1 (checkpoint at the next log step, exit 0); relative to
@@ -145,6 +151,9 @@ class TrainerCfg:
     knn_every: int = 1  # epochs between kNN monitor evaluations (0 = off)
     knn_k: int = 200
     knn_t: float = 0.1
+    # what the kNN monitor embeds: backbone (pooled features, the usual protocol) | head (the projector's output,
+    # as the MoCo CIFAR demo's monitor, whose network ends in its fc head)
+    knn_features: str = "backbone"
     # experiment trackers, passed to accelerate's log_with (fastcl/trackers.py): tensorboard | wandb | mlflow;
     # each gets the scalars metrics.jsonl gets. [] = metrics.jsonl only
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
@@ -316,11 +325,14 @@ def validate(cfg: DictConfig) -> None:
     _need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     # bad-input fixes (tests/test_bad_input.py): values that crashed later (warmup, momentum) or trained silently
     # wrong (a negative base_batch or min_lr makes the lr negative; negative "every" counts act as "every step")
+    _need(o.schedule_granularity in ("step", "epoch"), "optim.schedule_granularity",
+          f"{o.schedule_granularity!r} not in step|epoch")
     _need(o.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}")
     _need(0 <= o.momentum < 1, "optim.momentum", f"must lie in [0, 1), got {o.momentum}")
     _need(o.base_batch >= 0, "optim.base_batch", f"must be >= 0 (0 = no lr scaling), got {o.base_batch}")
     _need(0 <= o.min_lr <= 1, "optim.min_lr", f"a fraction of the peak lr in [0, 1], got {o.min_lr}")
     _need(o.clip_grad >= 0, "optim.clip_grad", f"must be >= 0 (0 = off), got {o.clip_grad}")
+    _need(t.collective_timeout_s > 0, "trainer.collective_timeout_s", f"must be > 0, got {t.collective_timeout_s}")
     for key in ("max_steps", "ckpt_every", "knn_every"):
         _need(t[key] >= 0, f"trainer.{key}", f"must be >= 0 (0 = off), got {t[key]}")
     for key in ("max_samples", "workers"):
@@ -333,6 +345,7 @@ def validate(cfg: DictConfig) -> None:
     _need(t.init_position in ("keep", "reset"), "trainer.init_position", f"{t.init_position!r} not in keep|reset")
     _need(t.precision in ("auto", "fp32", "bf16"), "trainer.precision", f"{t.precision!r} not in auto|fp32|bf16")
     _need(t.knn_k > 0, "trainer.knn_k", f"must be > 0, got {t.knn_k}")  # bad-input fix: name the bad key
+    _need(t.knn_features in ("backbone", "head"), "trainer.knn_features", f"{t.knn_features!r} not in backbone|head")
     _need(t.knn_t > 0, "trainer.knn_t", f"temperature must be > 0, got {t.knn_t}")
     from fastcl.trackers import TRACKERS
     _need(all(str(x).lower() in TRACKERS for x in t.trackers), "trainer.trackers",
