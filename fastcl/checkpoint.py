@@ -295,7 +295,7 @@ class CheckpointReadError(ValueError):
 def stage_init(src: str, objects: dict, files: dict[str, str], expect: dict, stage: str,
                keep_position: bool = True) -> dict:
     """Write into `stage` a checkpoint that THIS run's registered objects load with accelerate's own load_state,
-    built from another run's checkpoint `src` (trainer.init_from, issue 12's warm-start protocol).
+    built from another run's checkpoint `src` (trainer.init_from: the study's warm and ladder protocols).
 
     Taken from `src`, by file NAME (open_run): student weights, optimizer state, RNG states, train position and
     the EMA teacher. The method state is this run's FRESH one (another method's state means nothing to it), except

@@ -129,7 +129,7 @@ class TrainerCfg:
     # runs start from (trainer.init_from=<run>/checkpoints/step_<N>); [] = none
     keep_epochs: list[int] = field(default_factory=list)
     resume: str = ""  # "" | auto | path to a checkpoint directory
-    # warm start (issue 12): a fresh run starts from another run's checkpoint (or run directory): its weights, EMA
+    # warm start: a fresh run starts from another run's checkpoint (or run directory): its weights, EMA
     # teacher, optimizer state, train position and RNG; the method state is fresh except a same-size queue
     # (checkpoint.stage_init). Ignored when the run resumes its own checkpoints. "" = off
     init_from: str = ""

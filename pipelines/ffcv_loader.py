@@ -211,7 +211,7 @@ class _EpochRows:
 @register("ffcv")
 def build(cfg, rank: int = 0, world: int = 1, device="cpu", split: str = "train") -> FFCVLoader:
     d = cfg.data
-    from fastcl.pipelines.convert import check_beton_classes  # issue 14: data.classes must match the .beton's
+    from fastcl.pipelines.convert import check_beton_classes  # data.classes must match the .beton's
     from fastcl.pipelines.folder import cfg_classes
     check_beton_classes(split_path(cfg, split), cfg_classes(cfg))
     return FFCVLoader(split_path(cfg, split), list(d.aug.views), d.aug.mean, d.aug.std,

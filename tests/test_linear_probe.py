@@ -1,4 +1,4 @@
-"""The linear probe made sound (issue 12): standardised features + a held-out lr sweep make every protocol converge
+"""The linear probe made sound: standardised features + a held-out lr sweep make every protocol converge
 on every shipped backbone; a diverging probe warns. Real CIFAR-10 JPEGs (conftest `cifar_folder`) and a tiny run
 trained on them."""
 from __future__ import annotations

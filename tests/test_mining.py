@@ -187,7 +187,7 @@ def post_relu_clusters(c=8, per=3, d=64, seed=0):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_sepp_threshold_filters_on_centred_features_not_on_post_relu_ones(backend):
-    """Issue 11 row 9: on post-ReLU features every cosine is >= 0 and a 0.5 threshold keeps nearly the plain
+    """On post-ReLU features every cosine is >= 0 and a 0.5 threshold keeps nearly the plain
     top-k (here k > class size, so most kept partners are of another class); centred, unrelated pairs fall to
     ~0 or below and the same threshold keeps the same-class partners only."""
     x, lab = post_relu_clusters()

@@ -1,4 +1,4 @@
-"""The degraded oracle (method.oracle.precision, issue 12): detections of a chosen precision, recall or count
+"""The degraded oracle (method.oracle.precision): detections of a chosen precision, recall or count
 held fixed, seeded by (seed, step); p = 1 is the oracle itself."""
 import os
 

@@ -1,4 +1,4 @@
-"""trainer.init_from (issue 12's warm-start protocol): weights, teacher, optimizer, train position and RNG come from
+"""trainer.init_from (the study's warm-start protocol): weights, teacher, optimizer, train position and RNG come from
 another run's checkpoint; the method state is fresh except a same-size queue."""
 import json
 import os

@@ -4,7 +4,7 @@ RESEARCH UPPER BOUND - this method READS DATASET LABELS (from the loader's label
 self-supervised method may do. With mode=elim it is the "false-negative-free" contrastive loss; with
 mode=attr it is SupCon's L_out with the positive view included (METHODS.md §3.7).
 
-Degraded oracle (`method.oracle.precision` p < 1, issue 12's false-negative precision sweep): the detections
+Degraded oracle (`method.oracle.precision` p < 1, the study's false-negative precision sweep, `--sweep fn-precision`): the detections
 (same-class non-positive candidates) are degraded to precision p per row, with random TRUE NEGATIVES as the
 false detections. Two degradations, our choice (`method.oracle.degrade`):
   add (default):  recall held fixed at the oracle's (every true false negative stays detected); round(f(1-p)/p)
