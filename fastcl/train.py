@@ -28,6 +28,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from fastcl import checkpoint as ckpt  # noqa: E402
 from fastcl import dist  # noqa: E402
 from fastcl.config import ConfigError, load_config, save_config  # noqa: E402
+from fastcl.eval.monitor import KnnMonitor  # noqa: E402
 from fastcl.methods import build_method  # noqa: E402
 from fastcl.models import (build_encoder, build_predictor, convert_split_bn, convert_sync_bn,  # noqa: E402
                            make_teacher)
@@ -84,44 +85,6 @@ def _flat(cfg) -> dict:
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
     return out
-
-
-class KnnMonitor:
-    """kNN top-1 of the backbone on a labelled held-out split (rank 0 computes, result broadcast)."""
-
-    def __init__(self, cfg, is_main: bool):
-        self.enabled = bool(cfg.data.eval_path) and cfg.trainer.knn_every > 0
-        self.k, self.t = cfg.trainer.knn_k, cfg.trainer.knn_t
-        self.data = None
-        if self.enabled:
-            # bad-input fix (test_bad_input): every rank lists the folders (cheap) so that a bad path fails on all
-            # ranks alike, with one line and before train() writes anything
-            from fastcl.pipelines.folder import cfg_classes, scan_folder
-
-            for key in ("eval_path", "eval_train_path"):
-                try:
-                    if cfg.data[key]:
-                        scan_folder(cfg.data[key], classes=cfg_classes(cfg))  # data.classes: every split
-                except (FileNotFoundError, ValueError) as e:
-                    raise SetupError(f"data.{key}: {e}") from None
-        if self.enabled and is_main:
-            from fastcl.pipelines.eval_data import eval_tensors
-            bank_path = cfg.data.eval_train_path or cfg.data.path
-            classes = cfg_classes(cfg)
-            self.data = (eval_tensors(bank_path, cfg.data.aug, workers=cfg.data.workers, classes=classes),
-                         eval_tensors(cfg.data.eval_path, cfg.data.aug, workers=cfg.data.workers, classes=classes))
-
-    def __call__(self, backbone) -> dict:
-        """{"knn_top1": %, "feature_rank": effective rank of the held-out features} (same on every rank)."""
-        from fastcl.eval.diagnostics import effective_rank
-        from fastcl.eval.knn import extract_features, knn_top1
-        out = None
-        if self.data is not None:
-            (xtr, ytr, _), (xte, yte, _) = self.data
-            test = extract_features(backbone, xte)
-            out = {"knn_top1": knn_top1(extract_features(backbone, xtr), ytr, test, yte, self.k, self.t),
-                   "feature_rank": effective_rank(test)}
-        return dist.broadcast_object(out)
 
 
 def setup(cfg, accelerator):
@@ -366,7 +329,10 @@ def _train(cfg, stop: "StopRequest", lock: ckpt.RunDirLock) -> dict:
     spe, total = len(loader), t.epochs * len(loader)
     last_step = min(total, t.max_steps) if t.max_steps > 0 else total
     gbatch = cfg.optim.batch_size
-    knn = KnnMonitor(cfg, is_main)  # bad-input fix: before anything is written (its folders may be bad)
+    try:  # before anything is written: a bad eval folder is one error line
+        knn = KnnMonitor(cfg, is_main)
+    except ValueError as e:
+        raise SetupError(str(e)) from None
     # --- online linear probe (issue 14; READS LABELS like the oracle; off by default): fastcl/eval/online_probe.py
     from fastcl.eval.online_probe import OnlineProbe
     backbone = accelerator.unwrap_model(parts.student).encoder.backbone

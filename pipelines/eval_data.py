@@ -1,4 +1,5 @@
-"""Un-augmented evaluation data (kNN monitor, linear probe, SePP's embedding pass).
+"""Un-augmented evaluation data (kNN monitor, linear probe, SePP's embedding pass), streamed in batches: no
+caller holds a whole decoded split (ImageNet-100 at 224 px would be about 76 GB of float32).
 
 Eval transform: resize the shorter side to round(eval_size / eval_resize_ratio) (bilinear, antialiased), center
 crop eval_size x eval_size, normalize with the AugSpec mean/std. Ids are the `scan_folder` positions, so they
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 
 from fastcl.pipelines.augment import normalize
-from fastcl.pipelines.folder import decode_uint8, load_rgb, resize_center_crop, scan_folder
+from fastcl.pipelines.folder import load_rgb, resize_center_crop, scan_folder
 
 
 def _eval_transform(aug):
@@ -28,21 +29,9 @@ def _finish(x_uint8: Tensor, aug) -> Tensor:
     return normalize(x_uint8.float().div_(255.0), aug.mean, aug.std)
 
 
-def eval_tensors(path: str, aug, max_samples: int = 0, workers: int = 2,
-                 classes: list[str] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """The whole folder through the eval transform, for small data (N*3*S*S*4 bytes).
-
-    -> (images float [N,3,S,S] normalized, on the CPU; labels [N] int64 (-1 for a flat folder); ids [N] int64)
-    """
-    index = scan_folder(path, max_samples, classes)
-    size, tf = _eval_transform(aug)
-    x = _finish(decode_uint8(index.paths, tf, (size, size), workers), aug)
-    return x, torch.tensor(index.labels, dtype=torch.int64), torch.arange(len(index), dtype=torch.int64)
-
-
 def eval_batches(path: str, aug, batch_size: int, rank: int = 0, world: int = 1, workers: int = 2,
                  max_samples: int = 0, classes: list[str] | None = None) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """Stream this rank's contiguous shard (ids `arange(N).tensor_split(world)[rank]`) in order, for large data.
+    """Stream this rank's contiguous shard (ids `arange(N).tensor_split(world)[rank]`) in order.
 
     Yields (x float [B,3,S,S] normalized on the CPU, labels [B] int64, ids [B] int64); decoding runs on a
     thread pool one batch ahead of the consumer.

@@ -171,7 +171,7 @@ def test_export_round_trip(run, cifar_folder, tmp_path):
     from fastcl import export
     from fastcl.checkpoint import load_encoder
     from fastcl.models import resnet
-    from fastcl.pipelines.eval_data import eval_tensors
+    from fastcl.pipelines.eval_data import eval_batches
 
     out = tmp_path / "resnet.pt"
     assert export.main(["--checkpoint", run, "--out", str(out), "--which", "teacher"]) == 0
@@ -187,7 +187,8 @@ def test_export_round_trip(run, cifar_folder, tmp_path):
     fresh.load_state_dict(sd, strict=True)
     teacher, _ = load_encoder(run, "teacher")
     student, _ = load_encoder(run, "student")
-    x = eval_tensors(f"{cifar_folder}/test", load_config(os.path.join(run, "config.yaml")).data.aug, workers=1)[0][::10]
+    aug = load_config(os.path.join(run, "config.yaml")).data.aug
+    x = next(eval_batches(f"{cifar_folder}/test", aug, 1 << 30, workers=1))[0][::10]  # one batch: the whole split
     with torch.no_grad():
         got, want = fresh.eval()(x), teacher.backbone(x)
         assert torch.allclose(got, want, rtol=0, atol=1e-6)

@@ -25,9 +25,9 @@ def sepp_table(cifar_folder, tmp_path_factory):
     """A partner table over the fixture's train split (raw-pixel neighbours: good enough to exercise SePP)."""
     from fastcl.mining.miner import NeighbourMiner
     from fastcl.pipelines.augspec import AugSpec, ViewSpec
-    from fastcl.pipelines.eval_data import eval_tensors
-    x, _, _ = eval_tensors(os.path.join(cifar_folder, "train"), AugSpec(views=[ViewSpec(), ViewSpec()], eval_size=32,
-                                                                           eval_resize_ratio=1.0))
+    from fastcl.pipelines.eval_data import eval_batches
+    aug = AugSpec(views=[ViewSpec(), ViewSpec()], eval_size=32, eval_resize_ratio=1.0)
+    x, _, _ = next(eval_batches(os.path.join(cifar_folder, "train"), aug, 1 << 30))  # one batch: the whole split
     miner = NeighbourMiner(x.shape[0], 5, 0.0)
     miner.mine(F.normalize(x.flatten(1), dim=1))
     path = str(tmp_path_factory.mktemp("sepp") / "table.npz")

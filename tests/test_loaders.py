@@ -10,7 +10,7 @@ from PIL import Image
 
 from fastcl.config import load_config
 from fastcl.pipelines import build_loader
-from fastcl.pipelines.eval_data import eval_batches, eval_tensors
+from fastcl.pipelines.eval_data import eval_batches
 from fastcl.pipelines.folder import scan_folder
 from fastcl.pipelines.torch_loader import FolderViews
 
@@ -186,14 +186,14 @@ def test_non_rgb_images_become_three_channels(backend, odd_modes_folder):
     b = next(iter(ld))
     assert [v.shape for v in b.views] == [(3, 3, 32, 32)] * 2
     assert sorted(b.label.tolist()) == [0, 1, 1]
-    x, labels, _ = eval_tensors(odd_modes_folder, make_cfg("torch", odd_modes_folder).data.aug)
+    x, labels, _ = next(eval_batches(odd_modes_folder, make_cfg("torch", odd_modes_folder).data.aug, 8))
     assert x.shape == (3, 3, 32, 32) and labels.tolist() == [0, 1, 1]
 
 
-def test_eval_tensors_and_batches(cifar_folder):
+def test_eval_batches_whole_and_sharded(cifar_folder):
     aug = make_cfg("torch", cifar_folder).data.aug
     test_dir = os.path.join(cifar_folder, "test")
-    x, labels, ids = eval_tensors(test_dir, aug)
+    x, labels, ids = next(eval_batches(test_dir, aug, 1 << 30))  # one batch: the whole split
     assert x.shape == (200, 3, 32, 32) and x.dtype == torch.float32
     assert torch.equal(ids, torch.arange(200)) and torch.equal(labels.bincount(), torch.full((10,), 20))
     assert abs(x.mean().item()) < 0.5 and 0.5 < x.std().item() < 1.5

@@ -49,15 +49,17 @@ def test_probe_learns_from_labelled_samples_only(cifar_folder):
     from fastcl.eval.online_probe import OnlineProbe
     from fastcl.models import build_encoder
     from fastcl.pipelines.batch import Batch
-    from fastcl.pipelines.eval_data import eval_tensors
+    from fastcl.pipelines.eval_data import eval_batches
 
     cfg = load_config(TINY, _over(cifar_folder, "unused", True) + ["trainer.online_probe_lr=5.0"])
     torch.manual_seed(0)
     backbone = build_encoder(cfg.model).backbone
-    x, y, _ = eval_tensors(f"{cifar_folder}/train", cfg.data.aug, workers=1)
+    x, y, _ = next(eval_batches(f"{cifar_folder}/train", cfg.data.aug, 1 << 30, workers=1))  # one batch: all 500
     x, y = x[::2], y[::2]  # 250 images, 10 classes
     # the probe is scored on the images it may learn from (the labelled half): random features, so fitting is the test
-    knn = SimpleNamespace(enabled=True, data=((x, y, None), (x[1::2], y[1::2], None)))
+    # the monitor's side of the contract: held-out labels and L2-normalised eval-mode features of the backbone
+    knn = SimpleNamespace(enabled=True, test_labels=y[1::2],
+                          test_features=lambda net: OnlineProbe._features(net, x[1::2]))
     probe = OnlineProbe.build(cfg, SimpleNamespace(labels=y), knn, backbone)
     before = [p.detach().clone() for p in backbone.parameters()]
     acc0 = probe.evaluate(backbone, knn)["probe_top1"]
@@ -69,4 +71,4 @@ def test_probe_learns_from_labelled_samples_only(cifar_folder):
     assert acc > max(25.0, acc0 + 10), (acc0, acc)  # fits the labelled half well above chance (10 %)
     assert all(torch.equal(a, b) for a, b in zip(before, backbone.parameters()))
     with pytest.raises(ValueError, match="data.eval_path"):
-        OnlineProbe.build(cfg, SimpleNamespace(labels=y), SimpleNamespace(enabled=False, data=None), backbone)
+        OnlineProbe.build(cfg, SimpleNamespace(labels=y), SimpleNamespace(enabled=False, test_labels=None), backbone)

@@ -1,21 +1,10 @@
-"""Weighted kNN classifier on cosine similarity (InstDisc / DINO monitor). Labels are read only here."""
+"""Weighted kNN classifier on cosine similarity (InstDisc / DINO). Evaluation: reads labels, as does its user
+during training, the kNN monitor (fastcl.eval.monitor)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
-
-@torch.no_grad()
-def extract_features(net: nn.Module, images: Tensor, batch_size: int = 512, device=None) -> Tensor:
-    """Backbone features of a CPU image tensor [N,3,S,S], L2-normalised, returned on CPU [N, D]."""
-    was_training = net.training
-    net.eval()
-    device = device or next(net.parameters()).device
-    out = [F.normalize(net(images[i:i + batch_size].to(device)).float(), dim=1).cpu()
-           for i in range(0, images.shape[0], batch_size)]
-    net.train(was_training)
-    return torch.cat(out)
+from torch import Tensor
 
 
 @torch.no_grad()
@@ -39,10 +28,10 @@ def knn_predict(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, k
 
 
 def knn_top1(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, test_labels: Tensor,
-             k: int = 200, t: float = 0.1) -> float:
-    """Top-1 accuracy in percent."""
+             k: int = 200, t: float = 0.1, chunk: int = 1024) -> float:
+    """Top-1 accuracy in percent of test_feats [M, D] against the bank train_feats [N, D] (`knn_predict`)."""
     c = int(max(train_labels.max(), test_labels.max())) + 1
-    pred = knn_predict(train_feats, train_labels, test_feats, k, t, c).argmax(1)
+    pred = knn_predict(train_feats, train_labels, test_feats, k, t, c, chunk).argmax(1)
     return float((pred == test_labels).float().mean() * 100)
 
 

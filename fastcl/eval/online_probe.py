@@ -4,7 +4,8 @@ A linear classifier trained during pretraining, as solo-learn / lightly / stable
 the kNN monitor and the effective rank: after every training step it takes one SGD step (momentum 0.9,
 `trainer.online_probe_lr`, cross-entropy) on the L2-normalised backbone features of view 0 of the batch's
 LABELLED samples (label >= 0; STL-10's unlabelled images are skipped), and whenever the kNN monitor runs its top-1
-on the monitor's held-out split (`data.eval_path`, eval transform) is logged next to `knn_top1` as `probe_top1`.
+on the monitor's held-out split (`data.eval_path`, eval transform; the features the monitor just embedded,
+`KnnMonitor.test_features`) is logged next to `knn_top1` as `probe_top1`.
 
 It cannot change the pretraining trajectory: the features come from an extra forward pass of the backbone in
 eval mode under no_grad (no gradient reaches the backbone, BN running statistics are not updated, no random draw:
@@ -41,10 +42,8 @@ class OnlineProbe:
         labels = getattr(loader, "labels", None)
         if labels is None or not bool((torch.as_tensor(labels) >= 0).any()):
             raise ValueError("trainer.online_probe needs labelled training images; this training set has none")
-        n_cls = int(torch.as_tensor(labels).max()) + 1
-        if knn.data is not None:
-            n_cls = max(n_cls, int(knn.data[1][1].max()) + 1)
-        n_cls = int(dist.broadcast_object(n_cls))
+        n_cls = max(int(torch.as_tensor(labels).max()), int(knn.test_labels.max())) + 1
+        n_cls = int(dist.broadcast_object(n_cls))  # rank 0's count: every rank builds the same head
         device = next(backbone.parameters()).device
         with torch.no_grad():
             was = backbone.training
@@ -81,14 +80,12 @@ class OnlineProbe:
 
     @torch.no_grad()
     def evaluate(self, backbone: nn.Module, knn) -> dict:
-        """{"probe_top1": %} on the kNN monitor's held-out split (rank 0; same value on every rank)."""
+        """{"probe_top1": %} on the kNN monitor's held-out split, scored by rank 0's head (same value on every
+        rank; a collective). The features [M, D] (L2-normalised, eval mode) are `knn.test_features(backbone)`:
+        those the monitor embedded in its call just before, so the probe costs no second pass over the split."""
+        feats = knn.test_features(backbone)
         out = None
-        if knn.data is not None:
-            from fastcl.eval.knn import extract_features
-
-            _, (xte, yte, _) = knn.data
-            device = next(backbone.parameters()).device
-            feats = extract_features(backbone, xte)  # L2-normalised, eval mode, CPU
-            pred = self.head(feats.to(device)).argmax(1).cpu()
-            out = {"probe_top1": float((pred == yte).float().mean() * 100.0)}
+        if dist.rank() == 0:
+            pred = self.head(feats.to(self.head.weight.device)).argmax(1).cpu()
+            out = {"probe_top1": float((pred == knn.test_labels).float().mean() * 100.0)}
         return dist.broadcast_object(out)
