@@ -64,7 +64,13 @@ def make_accelerator(cfg):
         log_with = resolve(cfg.trainer.trackers)
     except TrackerError as e:
         raise ConfigError(str(e)) from None
-    return Accelerator(cpu=use_cpu, log_with=log_with or None, project_config=proj)
+    # Rank-0-only work between collectives (IFND's k-means on the embedding pass, SePP's table) must finish inside
+    # the process group's timeout, or the waiting ranks abort: trainer.collective_timeout_s (docs/SCALING.md).
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+    pg = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.trainer.collective_timeout_s))
+    return Accelerator(cpu=use_cpu, log_with=log_with or None, project_config=proj, kwargs_handlers=[pg])
 
 
 def resolve_precision(cfg, device: torch.device) -> str:
@@ -150,8 +156,10 @@ def setup(cfg, accelerator):
     state = ckpt.TrainState()
     objects = {"train_state": state, "method": method, **({"teacher": teacher} if teacher is not None else {})}
     files = ckpt.register(accelerator, objects)
+    from fastcl.mining.engine import choose_engine
     expect = {"method": cfg.method.name, "arch": cfg.model.arch, "proj_dim": cfg.model.proj_dim,
-              "width": cfg.model.width, "cifar_stem": cfg.model.cifar_stem, "files": files}
+              "width": cfg.model.width, "cifar_stem": cfg.model.cifar_stem, "files": files,
+              "mining_engine": choose_engine("auto", device)}  # what the miners resolve "auto" to here
     resumed = None
     if candidates:
         try:  # bad-input fix: another method's / architecture's checkpoint, or none loadable -> one line
@@ -367,7 +375,8 @@ def _train(cfg, stop: "StopRequest", lock: ckpt.RunDirLock) -> dict:
     def monitor(epoch: int):
         if not knn.enabled:
             return
-        rec = knn(accelerator.unwrap_model(parts.student).encoder.backbone)
+        enc = accelerator.unwrap_model(parts.student).encoder  # trainer.knn_features: backbone | head
+        rec = knn(enc if t.knn_features == "head" else enc.backbone)
         if probe is not None:  # online probe (reads labels)
             rec.update(probe.evaluate(backbone, knn))
         result["knn_top1"] = rec["knn_top1"]
@@ -382,6 +391,10 @@ def _train(cfg, stop: "StopRequest", lock: ckpt.RunDirLock) -> dict:
 
     health = Health(parts.accelerator.device)
 
+    from fastcl import kernels
+    if is_main:
+        print(f"fastcl: {cfg.method.name} on {accelerator.device} x{accelerator.num_processes}, mining engine "
+              f"{expect['mining_engine']}, target kernels {kernels.describe(cfg.method.kernel, accelerator.device)}", flush=True)
     if resumed is None:
         monitor(0)  # the same network at random initialisation: the baseline the run must beat
     elif is_main:

@@ -66,3 +66,27 @@ def test_published_config_trains_on_real_images(path, cifar_folder, sepp_table, 
     # (the grad norm of a width-8 net can be large: F.normalize divides by small head outputs; finite is the check)
     assert len(recs) == 2 and all(0 <= r["loss"] < 50 and math.isfinite(r["grad_norm"]) for r in recs), recs
     assert recs[-1]["loss"] > 0 and recs[-1]["grad_norm"] > 0, recs
+
+
+def test_moco_demo_monitor_embeds_the_head(cifar_folder, tmp_path, monkeypatch):
+    """trainer.knn_features=head (the MoCo CIFAR demo's monitor): the kNN monitor embeds the encoder's head output,
+    backbone + fc, not the pooled backbone features; the demo config trains and logs its kNN on CPU."""
+    from fastcl.eval import monitor as M
+
+    seen = []
+    call = M.KnnMonitor.__call__
+
+    def spy(self, net):
+        seen.append(type(net).__name__)
+        return call(self, net)
+
+    monkeypatch.setattr(M.KnnMonitor, "__call__", spy)
+    path = os.path.join(REPO, "configs", "exp", "cifar10_moco_demo.yaml")
+    over = [f"data.path={os.path.join(cifar_folder, 'train')}", f"data.eval_path={os.path.join(cifar_folder, 'test')}",
+            "data.backend=gpu_tensor", "data.workers=0", "optim.batch_size=16", "model.width=8", "trainer.max_steps=2",
+            "method.queue_size=64", "trainer.progress=false", f"trainer.run_dir={tmp_path / 'run'}"]
+    result = train(load_config(path, over))
+    assert seen == ["Encoder", "Encoder"] and result["knn_top1"] is not None  # at initialisation and at the end
+    seen.clear()
+    train(load_config(path, over + ["trainer.knn_features=backbone", f"trainer.run_dir={tmp_path / 'run2'}"]))
+    assert seen == ["ResNet", "ResNet"]

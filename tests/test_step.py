@@ -364,3 +364,15 @@ def test_two_processes_one_forward_per_backward(tmp_path, name, over, one_over):
         two = torch.load(tmp_path / f"w2/rank{r}.pt", weights_only=False)
         assert two["calls"] == {"student": two["steps"], "teacher": two["steps"]}
         assert two["losses"] == pytest.approx(one["losses"], abs=2e-5)
+
+
+def test_collective_timeout_reaches_the_process_group(tmp_path):
+    """trainer.collective_timeout_s bounds rank-0 work between collectives: it is handed to accelerate's process
+    group (and only the timeout: the backend stays accelerate's choice, gloo on CPU)."""
+    from datetime import timedelta
+
+    from fastcl.train import make_accelerator
+
+    cfg = load_config(TINY, [f"trainer.run_dir={tmp_path}", "trainer.collective_timeout_s=123"])
+    handler = make_accelerator(cfg).init_handler
+    assert handler.timeout == timedelta(seconds=123) and handler.to_kwargs() == {"timeout": timedelta(seconds=123)}
