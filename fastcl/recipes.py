@@ -33,7 +33,6 @@ MODEL_KEYS = ["arch", "cifar_stem", "width", "proj_hidden", "proj_dim", "proj_la
 OPTIM_KEYS = ["name", "batch_size", "lr", "base_batch", "momentum", "weight_decay", "warmup_epochs", "min_lr",
               "clip_grad"]
 QUEUE_METHOD_KEYS = ["tau", "queue_size", "batch_negatives", "symmetric", "ema", "ema_end"]
-ADDON_METHODS = ("ifnd", "sepp", "oracle")  # label-assignment add-ons on a base (method.base)
 OUR_CHOICE = "our choice:"
 
 
@@ -53,11 +52,12 @@ def required_keys(cfg) -> list[str]:
     from fastcl.methods import METHODS
 
     name = cfg.method.name
+    cls = METHODS[name]
+    inbatch = cls.inbatch_only or (cls.follows_base and cfg.method.base == "simclr")  # no queue, no teacher
     keys = [f"model.{k}" for k in MODEL_KEYS]
     keys += ["data.aug.mean", "data.aug.std"] + [f"data.aug.views.{i}" for i in range(len(cfg.data.aug.views))]
-    keys += ["method.name"] + (["method.base"] if name in ADDON_METHODS else [])
-    keys += ["method.tau", "method.queue_size"] if name == "simclr" else [f"method.{k}" for k in QUEUE_METHOD_KEYS]
-    cls = METHODS[name]
+    keys += ["method.name"] + (["method.base"] if cls.follows_base else [])  # add-ons on a base: its layout
+    keys += ["method.tau", "method.queue_size"] if inbatch else [f"method.{k}" for k in QUEUE_METHOD_KEYS]
     if cls.Config is not None:
         keys += [f"method.{cls.section}.{k}" for k in cfg.method[cls.section]]
     keys += [f"optim.{k}" for k in OPTIM_KEYS] + (["optim.lars_eta"] if cfg.optim.name == "lars" else [])

@@ -6,6 +6,7 @@ configs/method/ and one line here.
 from __future__ import annotations
 
 from fastcl.methods.base import ContrastiveMethod, Layout, Pair, Sims
+from fastcl.methods.dcl import DCL
 from fastcl.methods.ifnd import IFND
 from fastcl.methods.mocov2 import MoCoV2
 from fastcl.methods.oracle import Oracle
@@ -22,6 +23,7 @@ METHODS: dict[str, type[ContrastiveMethod]] = {
     "sepp": SePP,
     "sane": SANE,
     "oracle": Oracle,
+    "dcl": DCL,
 }
 
 
