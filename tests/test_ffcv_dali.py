@@ -1,5 +1,6 @@
 """ffcv and dali backends on real CIFAR-10 JPEGs: ids and labels through the loaders, sharding over ranks,
-epochs, resume, the missing-`index` error.
+epochs, resume, the missing-`index` error; for dali also one graph for every epoch, the same pixels after a
+resume, and the crop boxes it cuts.
 
 The data set (conftest.py `ffcv_dali_data`) is the CIFAR train subset (500 JPEGs, 10 classes) plus a class
 `zz_coord` of copies of one coordinate-map PNG (R = 2x, G = 2y) that tests/test_parity.py uses to read crop
@@ -154,6 +155,78 @@ def test_dali_drop_last_equal_batches_and_resume(data):
     r1.load_state_dict({"epoch": 5, "batches_done": 4})
     rest = torch.cat([b.index for b in r1])
     assert torch.equal(rest, per_rank[1][4 * (BATCH // 2):])
+
+
+def test_dali_builds_its_graph_once_and_resumes_with_the_same_pixels(data, monkeypatch):
+    """Three epochs, a pass stopped early and a resume all run through ONE graph (built lazily on the first
+    epoch); a loader resumed mid-epoch, on that graph or on a fresh loader's, yields the same ids AND the same
+    pixels for the remaining batches as the uninterrupted pass (every random parameter is drawn per batch from
+    (seed, epoch, rank, batch))."""
+    pytest.importorskip("nvidia.dali")
+    from fastcl.pipelines import dali_loader
+
+    builds = []
+    real = dali_loader.build_pipeline
+    monkeypatch.setattr(dali_loader, "build_pipeline", lambda *a, **kw: builds.append(1) or real(*a, **kw))
+    ld = _dali(data)
+    assert builds == []  # nothing is built before the first epoch
+    full = {e: [(b.index, b.views) for b in run_epoch(ld, e)] for e in (6, 7, 8)}
+    assert len(builds) == 1
+    assert not torch.equal(full[6][0][1][0], full[7][0][1][0])
+    ld.set_epoch(9)  # a pass the consumer leaves after 2 batches: DALI's queued batches are drained
+    for k, _ in enumerate(ld):
+        if k == 1:
+            break
+    ld.load_state_dict({"epoch": 7, "batches_done": 5})
+    again = list(ld)
+    assert len(builds) == 1
+    fresh = _dali(data)
+    fresh.load_state_dict({"epoch": 7, "batches_done": 5})
+    resumed = list(fresh)
+    assert len(builds) == 2  # the fresh loader's own graph
+    for loader, got in ((ld, again), (fresh, resumed)):
+        assert len(got) == len(full[7]) - 5 and loader.state_dict() == {"epoch": 7, "batches_done": len(full[7])}
+        for b, (ids, views) in zip(got, full[7][5:]):
+            assert torch.equal(b.index, ids)
+            assert all(torch.equal(x, y) for x, y in zip(b.views, views))
+
+
+def test_dali_cuts_the_drawn_crop_boxes(data):
+    """The graph cuts exactly the RandomResizedCrop boxes that `view_params` drew for the batch
+    (`augment.rrc_params`, torchvision's semantics) and flips exactly the drawn samples: read back from the
+    pixels of the coordinate-map samples (R = 2x, G = 2y) in view 1 (crop + flip only)."""
+    pytest.importorskip("nvidia.dali")
+    from fastcl.pipelines.augment import seed_for
+    from fastcl.pipelines.dali_loader import DALI_STREAM, view_params
+
+    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)  # conftest.VIEW_OVERRIDES
+    std = torch.tensor([0.247, 0.2435, 0.2616]).view(1, 3, 1, 1)
+    coord = data["scan"].classes.index("zz_coord")
+    ld = _dali(data)
+    ld.set_epoch(3)
+    err, n = [], 0
+    for k, b in enumerate(ld):
+        g = torch.Generator().manual_seed(seed_for(SEED, 3, 0, k, DALI_STREAM))
+        hw = torch.tensor([[32, 32] if lab != coord else [data["coord_side"]] * 2 for lab in b.label.tolist()])
+        view_params(hw, ld.views[0], g)  # view 0's draws come first
+        p = view_params(hw, ld.views[1], g)
+        m = (b.label == coord).numpy()
+        if not m.any():
+            continue
+        px = (b.views[1][torch.from_numpy(m)] * std + mean) * 255.0
+        R, G = px[:, 0], px[:, 1]
+        S = px.shape[-1]
+        # output pixel j samples x0 + (j + 0.5) w / S, where the map holds 2 * (x - 0.5) (pixel centres)
+        w = (R.amax((1, 2)) - R.amin((1, 2))) / 2 * S / (S - 1)
+        h = (G.amax((1, 2)) - G.amin((1, 2))) / 2 * S / (S - 1)
+        y0, x0 = G.amin((1, 2)) / 2 + 0.5 - 0.5 * h / S, R.amin((1, 2)) / 2 + 0.5 - 0.5 * w / S
+        start, end = torch.from_numpy(p["roi_start"][m]), torch.from_numpy(p["roi_end"][m])
+        err.append(torch.stack([y0, x0, h, w], 1) - torch.cat([start, end - start], 1))
+        flipped = R[:, :, 0].mean(1) > R[:, :, -1].mean(1)
+        assert torch.equal(flipped, torch.from_numpy(p["mirror"][m]).bool())
+        n += int(m.sum())
+    assert n == data["n_coord"]
+    assert torch.cat(err).abs().max() < 1.0  # pixel rounding and antialiasing at the image edge (measured <= 0.7)
 
 
 @pytest.mark.gpu
