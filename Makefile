@@ -8,7 +8,7 @@ STAMP := $(VENV)/.fastcl-installed
 SAMPLE := data/extracted/cifar10_sample/.extracted
 APT_PKGS := pkg-config libturbojpeg0-dev libopencv-dev
 
-.PHONY: demo test install sample clean-runs gpu-carry
+.PHONY: demo test install sample clean-runs gpu-carry gpu-check
 
 install: $(STAMP)
 
@@ -47,6 +47,12 @@ test: install
 
 clean-runs:
 	rm -rf runs
+
+# The one device check (docs/GPU.md): every part of fastcl that behaves differently on a GPU, stage by stage, into
+# runs/gpucheck/gpucheck.json + a printed table; exit 1 when a stage failed. The toy size (tiny networks; on the CPU
+# here, as tests/test_gpucheck.py runs it); a lent GPU machine runs `--size full` (docs/GPU.md).
+gpu-check: install
+	$(PY) -m fastcl.gpucheck --out runs/gpucheck
 
 # What a lent GPU machine (no registry access, Python 3.12 + torch/accelerate/numba preinstalled) lacks, gathered
 # into the ignored data/gpu_carry/ (< 25 MB, within the 64 MiB a device command may carry): pure-Python wheels and
