@@ -18,17 +18,13 @@ if __name__ == "__main__":
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _here]
 
 import argparse  # noqa: E402
-import signal  # noqa: E402
 import json  # noqa: E402
-import time  # noqa: E402
 
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
 from fastcl import checkpoint as ckpt  # noqa: E402
 from fastcl import dist  # noqa: E402
-from fastcl.config import ConfigError, load_config, save_config  # noqa: E402
-from fastcl.eval.monitor import KnnMonitor  # noqa: E402
+from fastcl.config import ConfigError, load_config  # noqa: E402
 from fastcl.methods import build_method  # noqa: E402
 from fastcl.models import (build_encoder, build_predictor, convert_split_bn, convert_sync_bn,  # noqa: E402
                            make_teacher)
@@ -36,6 +32,8 @@ from fastcl.optim import build_optimizer, set_lr_wd  # noqa: E402
 from fastcl.pipelines import build_loader  # noqa: E402
 from fastcl.schedules import build_schedules  # noqa: E402
 from fastcl.step import StepParts, Student, train_step  # noqa: E402
+from fastcl.health import Health, StopRequest  # noqa: E402
+from fastcl.runlog import RunLog  # noqa: E402
 from fastcl.timing import StageTimer  # noqa: E402
 
 
@@ -76,21 +74,6 @@ def make_accelerator(cfg):
 def resolve_precision(cfg, device: torch.device) -> str:
     p = cfg.trainer.precision
     return ("bf16" if device.type == "cuda" else "fp32") if p == "auto" else p
-
-
-def _flat(cfg) -> dict:
-    """Flat primitive dict of the config for TensorBoard's hparams."""
-    out = {}
-
-    def walk(node, prefix):
-        for k, v in node.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return out
 
 
 def setup(cfg, accelerator):
@@ -199,105 +182,6 @@ def warm_start(accelerator, src: str, objects: dict, files: dict, expect: dict, 
     return f"{info['path']} (trainer.init_from: fresh method state, {queue})"
 
 
-class Health:
-    """Non-finite loss/gradient bookkeeping without a per-step host sync.
-
-    Flags accumulate on the device and are checked when the trainer logs or checkpoints; the first bad step
-    and the tensor (loss or gradient) are reported. With trainer.skip_nonfinite the step itself skips bad
-    updates (one sync per step) and they are only counted here.
-    """
-
-    def __init__(self, device):
-        self.bad_loss = torch.zeros((), dtype=torch.bool, device=device)
-        self.bad_grad = torch.zeros((), dtype=torch.bool, device=device)
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
-        self.skipped_t = torch.zeros((), device=device)
-
-    def update(self, logs: dict, step: int) -> None:
-        kept = logs["skipped"] == 0  # a skipped step changed nothing: it never stops the run
-        self.skipped_t += logs["skipped"]
-        nl, ng = logs["nonfinite_loss"] & kept, logs["nonfinite_grad"] & kept
-        self.first_bad = torch.where((nl | ng) & (self.first_bad < 0), torch.full_like(self.first_bad, step + 1),
-                                     self.first_bad)
-        self.bad_loss |= nl
-        self.bad_grad |= ng
-
-    @property
-    def skipped(self) -> int:
-        return int(self.skipped_t)  # host sync (log steps)
-
-    def check(self, run_dir: str) -> None:
-        if bool(self.bad_loss | self.bad_grad):  # host sync (log / checkpoint steps)
-            which = "loss" if bool(self.bad_loss) else "gradient"
-            raise FloatingPointError(
-                f"non-finite {which} at step {int(self.first_bad)}: stopping; the last good checkpoint is in "
-                f"{run_dir}/checkpoints (resume with --resume auto, lower optim.lr or set trainer.skip_nonfinite=true)")
-
-
-class StopRequest:
-    """SIGTERM / SIGUSR1 (SLURM sends one before the time limit or on preemption) -> checkpoint and exit.
-
-    The handler only sets a flag; ranks agree on it at the next log step (one all-reduce there), write a
-    checkpoint together and leave the loop, so `--resume auto` continues the run after a requeue.
-    """
-
-    def __init__(self):
-        self.flag = False
-        self.stop_file = ""  # set by _train: also stops the run when it appears (rank 0 checks at log steps)
-        self.by_file = False
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread (e.g. a notebook executor): no handler
-                pass
-
-    def restore(self) -> None:
-        """Give the signals back: a process that called train() in-process must stay killable by SIGTERM."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def consume_file(self) -> None:
-        """After the stop checkpoint: remove the stop file this run obeyed, so the resumed run goes on."""
-        if self.by_file:
-            try:
-                os.remove(self.stop_file)
-            except FileNotFoundError:
-                pass
-
-    def _handler(self, signum, frame):
-        self.flag = True
-
-    def agreed(self) -> bool:
-        if self.stop_file and not self.flag and dist.rank() == 0 and os.path.exists(self.stop_file):
-            self.flag = self.by_file = True
-        f = torch.tensor([1.0 if self.flag else 0.0])
-        if dist.is_dist():
-            if dist.torch_dist_backend_needs_cuda():
-                f = f.cuda()
-            torch.distributed.all_reduce(f, op=torch.distributed.ReduceOp.MAX)
-        return bool(f.item() > 0)
-
-
-def memory_use(device: torch.device) -> dict:
-    """Peak memory so far, GiB: `gpu_mem_gb` (torch allocator peak) on CUDA, `host_rss_gb` (this process's peak
-    resident set) always; logged with every train record so a memory budget can be read off metrics.jsonl."""
-    import resource
-    out = {"host_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}  # Linux: KiB
-    if device.type == "cuda":
-        out["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return out
-
-
-def diagnose(method, logs: dict, loader) -> dict:
-    """The method's false-negative diagnostics of the step's last pair (reads TRUE labels; logging only)."""
-    labels = getattr(loader, "labels", None)
-    if labels is None or "_sims" not in logs or not bool((torch.as_tensor(labels) >= 0).any()):  # host sync
-        return {}
-    return method.diagnostics(logs["_sims"], logs["_target"], torch.as_tensor(labels))
-
-
 def embed_pass(cfg, loader, net):
     """A function returning [N, D] eval-transform features of every training image by `net` (IFND source=pass:
     the teacher when there is one, else the student's encoder); a collective, sharded over every rank, read
@@ -330,87 +214,40 @@ def train(cfg) -> dict:
         lock.release()
 
 
-def _train(cfg, stop: "StopRequest", lock: ckpt.RunDirLock) -> dict:
+def _train(cfg, stop: StopRequest, lock: ckpt.RunDirLock) -> dict:
+    """setup -> for each epoch: the method's epoch hook, for each batch: train_step (+ the records of
+    fastcl/runlog.py) and checkpoints -> epoch end: kNN monitor, checkpoint. A stop request (signal or stop file,
+    agreed at a log step) writes a checkpoint and leaves the loop."""
     accelerator = make_accelerator(cfg)
-    is_main, t = accelerator.is_main_process, cfg.trainer
+    t = cfg.trainer
     parts, loader, sched, state, expect, resumed = setup(cfg, accelerator)
-    spe, total = len(loader), t.epochs * len(loader)
+    total = t.epochs * len(loader)
     last_step = min(total, t.max_steps) if t.max_steps > 0 else total
-    gbatch = cfg.optim.batch_size
-    try:  # before anything is written: a bad eval folder is one error line
-        knn = KnnMonitor(cfg, is_main)
+    try:  # before anything is written: a bad eval folder or probe setting is one error line
+        run = RunLog(cfg, accelerator, parts, loader, state, last_step)
     except ValueError as e:
         raise SetupError(str(e)) from None
-    # --- online linear probe (issue 14; READS LABELS like the oracle; off by default): fastcl/eval/online_probe.py
-    from fastcl.eval.online_probe import OnlineProbe
-    backbone = accelerator.unwrap_model(parts.student).encoder.backbone
-    try:
-        probe = OnlineProbe.build(cfg, loader, knn, backbone)
-    except ValueError as e:
-        raise SetupError(str(e)) from None
-    # --- end online probe
     stop.stop_file = os.path.join(t.run_dir, t.stop_file) if t.stop_file else ""
-    if is_main:
+    if accelerator.is_main_process:
         os.makedirs(t.run_dir, exist_ok=True)
         if not lock.acquire(t.run_dir):  # before this job writes anything there
             raise SetupError(f"trainer.run_dir={t.run_dir} is in use by another training process (two jobs on one "
                              f"run directory, or processes of a multi-machine launch that did not join one process "
                              f"group: see docs/SCALING.md)")
-        save_config(cfg, os.path.join(t.run_dir, "config.yaml"))
-    from fastcl.trackers import init_kwargs as tracker_kwargs  # W&B / MLflow files under run_dir
-    accelerator.init_trackers("fastcl", config=_flat(cfg),
-                              init_kwargs=tracker_kwargs([str(x) for x in accelerator.log_with], t.run_dir))
-    metrics_path = os.path.join(t.run_dir, "metrics.jsonl")
-    result = {"knn_top1": None, "knn_init": None, "world_size": accelerator.num_processes}
-
-    def log(record: dict):
-        record = {k: (float(v) if torch.is_tensor(v) else v) for k, v in record.items()}  # host sync (log steps)
-        if is_main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
-
-    knn_at = {}  # step of the last kNN evaluation
-
-    def monitor(epoch: int):
-        if not knn.enabled:
-            return
-        enc = accelerator.unwrap_model(parts.student).encoder  # trainer.knn_features: backbone | head
-        rec = knn(enc if t.knn_features == "head" else enc.backbone)
-        if probe is not None:  # online probe (reads labels)
-            rec.update(probe.evaluate(backbone, knn))
-        result["knn_top1"] = rec["knn_top1"]
-        if result["knn_init"] is None:
-            result["knn_init"] = rec["knn_top1"]
-        log({"step": state.step, "epoch": epoch, **rec})
-        knn_at["step"] = state.step
+    run.open(resumed, expect)
+    health = Health(accelerator.device)
 
     def save_ckpt():
         health.check(t.run_dir)  # never write a checkpoint of non-finite weights
         ckpt.save(accelerator, t.run_dir, state, expect, t.ckpt_keep, t.keep_epochs)
 
-    health = Health(parts.accelerator.device)
-
-    from fastcl import kernels
-    if is_main:
-        print(f"fastcl: {cfg.method.name} on {accelerator.device} x{accelerator.num_processes}, mining engine "
-              f"{expect['mining_engine']}, target kernels {kernels.describe(cfg.method.kernel, accelerator.device)}", flush=True)
-    if resumed is None:
-        monitor(0)  # the same network at random initialisation: the baseline the run must beat
-    elif is_main:
-        print(f"resumed from {resumed} at step {state.step} (epoch {state.epoch}, batch {state.batches_done})")
-    from tqdm import tqdm
-    bar = tqdm(total=last_step, initial=state.step, disable=not (is_main and t.progress), dynamic_ncols=True,
-               desc=f"{cfg.method.name}")
-    window_t, window_steps = time.perf_counter(), 0
-    while state.step < last_step:
+    preempted = False
+    while state.step < last_step and not preempted:
         loader.set_epoch(state.epoch)
         if state.batches_done == 0:
-            hook_logs = parts.method.on_epoch_start(state.epoch, parts, loader)
-            if hook_logs:
-                log({"step": state.step, "epoch": state.epoch, **hook_logs})
+            run.epoch_start(parts.method.on_epoch_start(state.epoch, parts, loader))
         batches = _skip(loader, state)
-        while True:
+        while state.step < last_step:
             with parts.timer("data"):  # time spent waiting for the loader
                 batch = next(batches, None)
             if batch is None:
@@ -418,54 +255,24 @@ def _train(cfg, stop: "StopRequest", lock: ckpt.RunDirLock) -> dict:
             sc = {k: v[state.step] for k, v in sched.items()}
             set_lr_wd(parts.optimizer, float(sc["lr"]), float(sc["wd"]))
             logs = train_step(parts, batch, sc, state.step)
-            if probe is not None:  # online probe (reads labels): detached features, its own optimizer
-                probe.step(backbone, batch)
             health.update(logs, state.step)
             state.step += 1
             state.batches_done += 1
-            window_steps += 1
-            bar.update(1)
-            if state.step % t.log_every == 0 or state.step == last_step:
-                health.check(t.run_dir)  # host sync: the only one of the hot path (with the loss read below)
-                loss = float(dist.all_reduce_mean(logs["loss"]))
-                now = time.perf_counter()
-                ips = window_steps * gbatch / max(now - window_t, 1e-9)
-                window_t, window_steps = now, 0
-                rec = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": float(sc["lr"]),
-                       "img_per_s": ips, "pos_sim": logs["pos_sim"], "grad_norm": logs["grad_norm"],
-                       "skipped_steps": health.skipped, **memory_use(accelerator.device), **parts.timer.read(),
-                       **diagnose(parts.method, logs, loader)}
-                log(rec)
-                result["final_loss"] = loss
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{float(sc['lr']):.3g}", img_s=f"{ips:.0f}")
-                if stop.agreed():
-                    result["preempted"] = True
-                    break
+            run.step_done(batch, logs, sc, health)
+            if state.step % t.log_every == 0 and stop.agreed():  # one all-reduce, at log steps only
+                preempted = True
+                break
             if t.ckpt_every and state.step % t.ckpt_every == 0 and state.step < last_step:
                 save_ckpt()
-            if state.step >= last_step:
-                break
-        if result.get("preempted"):
+        if preempted:
             save_ckpt()
-            if is_main:
-                why = f"stop file {stop.stop_file} (removed)" if stop.by_file else "signal"
-                stop.consume_file()
-                print(f"stop requested ({why}): checkpoint written at step {state.step}; continue with --resume auto")
+            stop.report(state.step, accelerator.is_main_process)
             break
-        if state.batches_done >= spe:  # epoch finished (not cut short by max_steps)
+        if state.batches_done >= len(loader):  # epoch finished (not cut short by max_steps)
             state.epoch, state.batches_done = state.epoch + 1, 0
-            if t.knn_every and state.epoch % t.knn_every == 0:
-                monitor(state.epoch)
+            run.epoch_end()
         save_ckpt()
-    bar.close()
-    if knn.enabled and not result.get("preempted") and knn_at.get("step") != state.step:  # the final network
-        monitor(state.epoch)
-    accelerator.end_training()
-    result["steps"] = state.step
-    if is_main:
-        with open(os.path.join(t.run_dir, "result.json"), "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return run.close(preempted)
 
 
 def main(argv=None) -> int:
