@@ -89,6 +89,9 @@ class Size:
     r50_bench: list[str]              # overrides of configs/exp/imagenet_mocov2.yaml
     bench: dict                       # fastcl.bench step timing: steps, warmup, repeats
     tarballs: list[str] = field(default_factory=list)  # CIFAR-10 JPEG tarballs, first found wins
+    demo: list[str] = field(default_factory=list)  # overrides of configs/exp/cifar10_moco_demo.yaml
+    demo_epochs: int = 1  # epochs of the MoCo demo whose kNN is put beside the published curve
+    demo_full_data: bool = False  # all 50k / 10k CIFAR-10 images (the published curve's data) or the toy folder
 
 
 # The shared data folder beside the repository (FASTCL_SHARED_DATA overrides, as in tests/conftest.py).
@@ -100,17 +103,18 @@ FULL_TARBALLS = [str(REPO / "data" / "gpu_carry" / "cifar10-jpeg.tar.gz"),  # ca
 SIZES = {
     "toy": Size(
         budgets=dict(env=60, kernels=120, mining=60, loader=60, train=150, monitor=60, compile=180,
-                     throughput=120, dali=90, ffcv=120), total_s=600,
+                     throughput=120, dali=90, ffcv=120, moco_demo=120), total_s=600,
         cifar_per_class=(20, 10), kernel_shape=(64, 4096),
         mining=dict(n=2000, dim=32, k=10, queries=500, knn_k=10), loader_batch=16,
         train=[], train_stop_at=3, monitor_width=8,
         cifar_bench=["model.width=8", "optim.batch_size=32", "method.queue_size=128", "data.workers=2"],
         r50_bench=["model.width=8", "optim.batch_size=8", "method.queue_size=64", "data.num_samples=256"],
         bench=dict(steps=2, warmup=1, repeats=2),
-        tarballs=[SAMPLE_TARBALL] + FULL_TARBALLS),
+        tarballs=[SAMPLE_TARBALL] + FULL_TARBALLS,
+        demo=["model.width=8", "optim.batch_size=32", "method.queue_size=128"], demo_epochs=1),
     "full": Size(
         budgets=dict(env=60, kernels=120, mining=90, loader=60, train=150, monitor=90, compile=240,
-                     throughput=180, dali=90, ffcv=120), total_s=540,
+                     throughput=180, dali=90, ffcv=120, moco_demo=200), total_s=540,
         cifar_per_class=(1000, 200), kernel_shape=(256, 65536),
         mining=dict(n=100_000, dim=128, k=100, queries=10_000, knn_k=20), loader_batch=256,
         # CIFAR-size images and the real ResNet-18 width; 8 steps per epoch
@@ -121,7 +125,8 @@ SIZES = {
         # the recipe's 65,536-key queue needs a larger synthetic dataset (generated per id: no memory per sample)
         r50_bench=["optim.batch_size=256", "data.num_samples=131072"],
         bench=dict(steps=10, warmup=5, repeats=3),
-        tarballs=FULL_TARBALLS + [SAMPLE_TARBALL]),
+        tarballs=FULL_TARBALLS + [SAMPLE_TARBALL],
+        demo=[f"data.workers={min(8, os.cpu_count() or 1)}"], demo_epochs=8, demo_full_data=True),
 }
 
 
@@ -670,6 +675,57 @@ def run_loader(ctx: Ctx, backend: str, path: str) -> dict:
             "img_per_s": images / max(seconds[1], 1e-9), "device": str(epochs[0][0].views[0].device)}
 
 
+PUBLISHED_DEMO = REPO / "docs" / "results" / "moco_demo_published_curve.json"
+
+
+def full_cifar() -> str:
+    """All of CIFAR-10 (50k train / 10k test JPEGs) from the first tarball found, extracted once."""
+    from fastcl.pipelines.extract import extract_once
+
+    found = [t for t in FULL_TARBALLS if os.path.isfile(t)]
+    if not found:
+        raise Skip(f"the full CIFAR-10 tarball is not here (looked for {', '.join(FULL_TARBALLS)})")
+    return extract_once(found[0], str(REPO / "data" / "extracted" / "cifar10-jpeg"))
+
+
+def stage_moco_demo(ctx: Ctx) -> tuple[dict, str]:
+    """The MoCo CIFAR-10 demo exactly (configs/exp/cifar10_moco_demo.yaml) for the first epochs the budget
+    allows, its kNN after every epoch put beside the notebook's published curve. Full size: the demo's network,
+    batch and all of CIFAR-10 (a fidelity check: fastcl's data is the JPEG copy, so expect small differences).
+    Toy size: a width-8 network on the toy folder, which exercises the config, the head-feature monitor and the
+    comparison but whose numbers are not comparable with the published ones."""
+    from fastcl.config import load_config
+    from fastcl.train import train
+
+    root = full_cifar() if ctx.size.demo_full_data else ctx.cifar()
+    run = os.path.join(ctx.work, "moco_demo")
+    shutil.rmtree(run, ignore_errors=True)
+    base = [f"data.path={root}/train", f"data.eval_path={root}/test", "data.backend=gpu_tensor",
+            *ctx.size.demo, *precision_overrides(ctx), f"trainer.run_dir={run}", "trainer.trackers=[]",
+            "trainer.progress=false", "trainer.knn_every=1"]
+    cfg = load_config(str(REPO / "configs" / "exp" / "cifar10_moco_demo.yaml"), base)
+    from fastcl.pipelines.folder import scan_folder
+    spe = len(scan_folder(cfg.data.path).paths) // cfg.optim.batch_size  # drop_last, as the demo
+    t0 = time.perf_counter()
+    res = train(load_config(str(REPO / "configs" / "exp" / "cifar10_moco_demo.yaml"),
+                            base + [f"trainer.max_steps={ctx.size.demo_epochs * spe}"]))
+    seconds = time.perf_counter() - t0
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        curve = {r["epoch"]: r["knn_top1"] for r in map(json.loads, f) if "knn_top1" in r}
+    with open(PUBLISHED_DEMO) as f:
+        published = {int(e): v for e, v in json.load(f)["epochs"].items()}
+    check(res.get("steps") == ctx.size.demo_epochs * spe and all(math.isfinite(v) for v in curve.values()),
+          f"the demo run stopped at step {res.get('steps')} with kNN {curve}")
+    rows = [(e, curve[e], published.get(e)) for e in sorted(curve) if e >= 1]
+    side = ", ".join(f"{e}: {k:.1f}/{p:.1f}" if p is not None else f"{e}: {k:.1f}/-" for e, k, p in rows)
+    numbers = {"epochs": [e for e, _, _ in rows], "fastcl_knn": [k for _, k, _ in rows],
+               "published_knn": [p for _, _, p in rows], "knn_init": curve.get(0), "seconds": round(seconds, 1),
+               "img_per_s": round(res.get("steps", 0) * cfg.optim.batch_size / max(seconds, 1e-9), 1),
+               "comparable": bool(ctx.size.demo_full_data)}
+    what = "" if ctx.size.demo_full_data else " (toy network and data: not comparable)"
+    return numbers, f"kNN by epoch, fastcl/published{what}: {side}"
+
+
 STAGES: dict[str, Callable[[Ctx], tuple[dict, str]]] = {
     "env": stage_env,
     "kernels": stage_kernels,
@@ -681,6 +737,7 @@ STAGES: dict[str, Callable[[Ctx], tuple[dict, str]]] = {
     "throughput": stage_throughput,
     "dali": stage_dali,
     "ffcv": stage_ffcv,
+    "moco_demo": stage_moco_demo,
 }
 
 
