@@ -1,4 +1,4 @@
-"""Benchmarks: `python -m fastcl.bench {loader,kernels,step,mining} ...` -> printed table + JSON evidence.
+"""Benchmarks: `python -m fastcl.bench SUBCOMMAND ...` (SUBCOMMANDS below) -> printed table + JSON evidence.
 
 Each subcommand lives in fastcl/benchmarks/<name>.py with `main(argv) -> dict`; results are written by
 fastcl.benchmarks.common.write_evidence under docs/benchmarks/ (commit, resolved config, hardware,
@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "step": "training-step time per method against MoCo-v2; images encoded per step",
     "mining": "faiss / torch k-means and kNN engines",
     "methods": "train every method on one budget and compare (kNN, diagnostics, report)",
+    "scaling": "per-rank memory and mining/monitor time at ImageNet-1k, from measurements at a scaled N",
 }
 USAGE = "usage: python -m fastcl.bench {" + ",".join(SUBCOMMANDS) + "} [options]   (SUBCOMMAND --help for its options)"
 

@@ -157,3 +157,46 @@ def test_loader_bench_views_and_cpu_time_counts_live_children():
         child.kill()
         child.wait()
     assert 0.7 < spent < 2.5, spent  # >= 0.2 own + ~0.6 child (minus its start-up before the first sample)
+
+
+def test_scaling_bench_measures_every_item_against_its_formula(tmp_path):
+    """`scaling` at a toy N: every memory item's measured bytes (tensors of the real objects after a real refresh,
+    mine and simulated 8-rank all-gather) equal its formula at N and N/4, the formulas at ImageNet-1k are the
+    documented ones, and every timed piece of work took a positive time."""
+    from fastcl import bench
+    from fastcl.benchmarks import scaling
+    bench.main(["scaling", "--n", "2048", "--queue", "1024", "--dim", "16", "--levels", "8", "16", "32",
+                "--backbone-dim", "32", "--sepp-dim", "16", "--out", str(tmp_path), "--name", "toy"])
+    out = _evidence(tmp_path)
+    mem = {r["item"]: r for r in out["summary"]["memory"]}
+    assert set(mem) == {k for k, *_ in scaling.MEMORY_ITEMS}
+    for key, r in mem.items():
+        if key == "kmeans_transient":  # a process peak-RSS rise, compared with an approximate formula
+            assert r["exact"] is False
+            continue
+        assert r["exact"] and r["equal"], r
+        assert r["measured_bytes"] == r["formula_bytes"] > 0, key
+        assert r["exponent_formula"] == pytest.approx(0.0 if key == "queue" else 1.0, abs=0.01), key
+    assert mem["queue"]["measured_bytes"] == 1024 * 16 * 4 + 1024 * 8 + 8
+    assert mem["ifnd_state"]["measured_bytes"] == 3 * 2048 * 20 and mem["sepp_table"]["measured_bytes"] == 2048 * 5 * 12
+    n, m = 2048, 80  # m: the held-out split at ImageNet's ratio, round(2048 * 50000 / 1281167)
+    assert mem["knn_bank"]["measured_bytes"] == n * 32 * 4 and mem["knn_test"]["measured_bytes"] == m * 32 * 4
+    assert mem["knn_allgather"]["measured_bytes"] == (1 + 2 * 8) * 256 * (32 * 4 + 8)
+    # the ImageNet column with the default (ImageNet) sizes: the figures docs/SCALING.md quotes
+    big = scaling.IMAGENET_N
+    assert scaling.table_bytes(big, 128) == 329_259_919 and scaling.ifnd_state_bytes(big, 3) == 76_870_020
+    assert scaling.knn_bank_bytes(big, 2048) == 10_495_320_064
+    engines = out["engines"]
+    assert "torch" in engines
+    work = {(r["item"], r["engine"]) for r in out["summary"]["time"]}
+    assert {("ifnd_refresh", e) for e in engines} | {("sepp_mine", e) for e in engines} <= work
+    for r in out["summary"]["time"]:
+        assert r["measured_s"] > 0 and r["measured_s_small"] > 0 and r["flops"] > r["flops_small"] > 0, r
+        assert r["imagenet_flops"] > r["flops"]
+        # k-means ~ N (its counted iterations may differ between sizes), the kNN table and the vote ~ N^2
+        assert r["exponent_formula"] == pytest.approx({"ifnd_refresh": 1.0}.get(r["item"], 2.0),
+                                                      abs=0.5 if r["item"] == "ifnd_refresh" else 0.01), r
+    for eng in engines:  # Lloyd iterations counted per level (torch: its similarity passes; faiss: iteration_stats)
+        iters = out["measured"]["n"]["ifnd_refresh"][eng]["lloyd_iters"]
+        assert len(iters) == 3 and all(1 <= i <= 20 for i in iters), (eng, iters)
+    assert set(out["assumptions"]) >= {"h100_fp32_flops", "eval_img_s_per_gpu", "train_img_s_per_gpu"}
