@@ -32,6 +32,10 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 from torch import Tensor
 
+from fastcl.kernels import numba_quiet
+
+numba_quiet.install()  # before the @njit functions below exist
+
 __all__ = ["sce_target", "slr_target", "ifnd_valid", "ifnd_attraction_target", "exp32_array"]
 
 _F = np.float32

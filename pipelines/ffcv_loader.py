@@ -33,11 +33,14 @@ import os
 import numpy as np
 import torch
 
+from fastcl.kernels import numba_quiet
 from fastcl.pipelines.augment import device_stage, host_to_device, seed_for
 from fastcl.pipelines.batch import Batch, register
 from fastcl.pipelines.folder import split_path
 from fastcl.pipelines.ffcv_multicrop import Control, layout, multi_view_decoder, read_meta, split_views
 from fastcl.pipelines.torch_loader import DEVICE_STREAM, ShardBatchSampler, ShardedLoader
+
+numba_quiet.install()  # ffcv compiles its pipeline with numba at run time and drops it with the loader
 
 REQUIRED_FIELDS = ("image", "label", "index")
 

@@ -170,3 +170,31 @@ def test_cuda_kernels_on_torch_tensors():
         want = R.sce_target(sims, pos, 0.5, 0.05)
     torch.cuda.synchronize()
     torch.testing.assert_close(got, want, **TOL)
+
+
+def test_dispatcher_cleanup_survives_a_stale_signature_key():
+    """numba's dispatcher finalizer walks an OrderedDict of signatures; a key whose hash moved since it was stored
+    made it raise KeyError (printed as "Exception ignored in <finalize object>", 14x per suite run with ffcv).
+    fastcl.kernels.numba_quiet's finalizer reads the dict's values without lookups and releases every entry."""
+    from collections import OrderedDict
+    from types import SimpleNamespace
+
+    from fastcl.kernels.numba_quiet import install, release_finalizer
+
+    class Key:
+        h = 1
+
+        def __hash__(self):
+            return Key.h
+
+    od = OrderedDict([(Key(), SimpleNamespace(entry_point="f"))])
+    Key.h = 2  # the stored key no longer hashes to its slot
+    with pytest.raises(KeyError):
+        list(od.values())  # what numba's own finalizer does
+    released = []
+    ctx = SimpleNamespace(remove_user_function=released.append)
+    release_finalizer(od, ctx, lambda: False)()
+    assert released == ["f"]
+    install()
+    from numba.core import dispatcher
+    assert dispatcher._DispatcherBase._fastcl_quiet_finalizer

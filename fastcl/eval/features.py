@@ -77,7 +77,8 @@ def gather_by_id(feats: Tensor, ids: Tensor, n: int, world: int) -> Tensor:
 
 @torch.no_grad()
 def embed_dataset(net: nn.Module, cfg, loader=None, path: str | None = None, batch_size: int = 256,
-                  normalize: bool = True, progress: bool = False, max_samples: int | None = None) -> Tensor:
+                  normalize: bool = True, progress: bool = False, max_samples: int | None = None,
+                  gather: bool = True):
     """Features [N, D] (CPU, row = global sample id) of every training image, un-augmented.
 
     Sharded over all ranks: with torch.distributed initialized this is a COLLECTIVE (every rank calls it); rank r
@@ -88,6 +89,7 @@ def embed_dataset(net: nn.Module, cfg, loader=None, path: str | None = None, bat
     overrides the training data (a folder, or a .beton); `max_samples` overrides data.max_samples (0: all of it).
     `net` runs in eval mode (BN running statistics). Only the current batch and those the reader decodes ahead
     are held, never the whole split: host memory grows with batch_size, plus the [N, D] features.
+    gather=False: no collective; returns this rank's shard (features [n_r, D] on the network's device, ids [n_r]).
     """
     device = next(net.parameters()).device
     rank, world = dist.rank(), dist.world_size()
@@ -101,6 +103,8 @@ def embed_dataset(net: nn.Module, cfg, loader=None, path: str | None = None, bat
         local_f = _embed_shard(net, batches, ids, normalize, device, progress, batch_size, rank)
     finally:
         net.train(was_training)
+    if not gather:
+        return local_f, ids
     return gather_by_id(local_f, ids, n, world)
 
 

@@ -73,20 +73,34 @@ def voters(split: Split) -> Tensor | None:
     return None if bool(keep.all()) else torch.nonzero(keep).flatten()
 
 
-def knn_scores(bank: Tensor, bank_labels: Tensor, test: Tensor, test_labels: Tensor, k: int, t: float) -> dict:
-    """{"knn_top1": %, "feature_rank": effective rank of the held-out features} of features bank [N, D] and
-    test [M, D] (L2-normalised, CPU). The [queries, N] similarity block stays under SIMS_BLOCK elements."""
-    from fastcl.eval.diagnostics import effective_rank
-    from fastcl.eval.knn import knn_top1
+def shard_topk(test: Tensor, bank: Tensor, bank_labels: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k most similar rows of this rank's bank shard for every held-out feature: (sims [M, k], labels [M, k]),
+    padded with -inf / 0 when the shard has fewer than k rows. test [M, D] and bank [n, D] on one device; the
+    [queries, n] similarity block stays under SIMS_BLOCK elements."""
+    m, n = test.shape[0], bank.shape[0]
+    sims = torch.full((m, k), float("-inf"), device=test.device)
+    labels = torch.zeros(m, k, dtype=torch.int64, device=test.device)
+    kk = min(k, n)
+    chunk = max(1, min(4096, SIMS_BLOCK // max(1, n)))
+    for i in range(0, m, chunk):
+        s, j = (test[i:i + chunk] @ bank.T).topk(kk, dim=1)
+        sims[i:i + chunk, :kk], labels[i:i + chunk, :kk] = s, bank_labels[j]
+    return sims, labels
 
-    chunk = max(1, min(1024, SIMS_BLOCK // max(1, bank.shape[0])))
-    return {"knn_top1": knn_top1(bank, bank_labels, test, test_labels, k, t, chunk),
-            "feature_rank": effective_rank(test)}
+
+def vote(sims: Tensor, labels: Tensor, k: int, t: float, num_classes: int) -> Tensor:
+    """Predicted class [M] from candidate neighbours (sims [M, c], labels [M, c], c >= k): the k most similar
+    vote exp(cos / t) for their class (fastcl.eval.knn.knn_predict's rule)."""
+    s, j = sims.topk(min(k, sims.shape[1]), dim=1)
+    w = torch.where(torch.isfinite(s), (s / t).exp(), torch.zeros_like(s))
+    votes = torch.zeros(sims.shape[0], num_classes, dtype=w.dtype, device=w.device)
+    votes.scatter_add_(1, labels.gather(1, j), w)
+    return votes.argmax(1)
 
 
 class KnnMonitor:
     """kNN top-1 of the backbone on a labelled held-out split, streamed and sharded over the ranks (module
-    docstring); rank `is_main` computes the vote, the result is broadcast."""
+    docstring); every rank votes on the same gathered candidates, so every rank returns the same result."""
 
     def __init__(self, cfg, is_main: bool = True, batch_size: int = EVAL_BATCH):
         self.enabled = bool(cfg.data.eval_path) and cfg.trainer.knn_every > 0
@@ -121,14 +135,29 @@ class KnnMonitor:
 
     def __call__(self, backbone: nn.Module) -> dict | None:
         """{"knn_top1": %, "feature_rank": effective rank of the held-out features}, the same on every rank (a
-        collective: every rank calls it); None when the monitor is off."""
+        collective: every rank calls it); None when the monitor is off.
+
+        The bank never leaves its ranks: each rank embeds its shard, keeps it on the network's device and finds
+        the k nearest of its shard for every held-out image; only those [M, k] candidates are all-gathered and
+        merged (the global k nearest are among them), then voted on. Per rank that is the shard's [N / W, D] and
+        the held-out [M, D] features, and the vote runs where the network runs (on the GPU at ImageNet scale)."""
+        from fastcl.eval.diagnostics import effective_rank
+        from fastcl.eval.features import embed_dataset
+
         if not self.enabled:
             return None
-        bank, bank_labels = self.embed(backbone, self.bank), self.bank.labels
-        if self.voters is not None:
-            bank, bank_labels = bank[self.voters], bank_labels[self.voters]
+        bank, ids = embed_dataset(backbone, self.cfg, path=self.bank.path, batch_size=self.batch_size,
+                                  max_samples=0, gather=False)
+        labels = self.bank.labels[ids].to(bank.device)
+        keep = labels >= 0  # unlabelled bank images (flat folders, STL-10's unlabelled split) do not vote
+        bank, labels = bank[keep], labels[keep]
         self._test_feats, self._test_net = self.embed(backbone, self.test), backbone
-        out = None
-        if self.is_main:
-            out = knn_scores(bank, bank_labels, self._test_feats, self.test.labels, self.k, self.t)
-        return dist.broadcast_object(out)
+        test = self._test_feats.to(bank.device)
+        sims, cand = shard_topk(test, bank, labels, self.k)
+        sims, cand = dist.gather(sims[None]), dist.gather(cand[None])  # [W, M, k] each
+        sims, cand = sims.permute(1, 0, 2).flatten(1), cand.permute(1, 0, 2).flatten(1)  # [M, W k]
+        num_classes = int(max(self.bank.labels.max(), self.test.labels.max())) + 1
+        pred = vote(sims, cand, self.k, self.t, num_classes).cpu()
+        out = {"knn_top1": float((pred == self.test.labels).float().mean() * 100),
+               "feature_rank": effective_rank(self._test_feats)}
+        return out
