@@ -43,7 +43,7 @@ def build_predictor(model_cfg) -> nn.Module:
     """Online predictor [B, proj_dim] -> [B, proj_dim]: 2-layer MLP if pred_hidden > 0, else identity.
 
     Linear (no bias) -> BN -> ReLU -> Linear without bias: SCE's official predictor head
-    (CEA-LIST/SCE `configs/model/head/mlp/predictor_resnet50_mlp2_bn1.yaml`: `bias: False`, `last_bias: False`).
+    (CEA-LIST/SCE predictor_resnet50_mlp2_bn1.yaml: `bias: False`, `last_bias: False`).
     """
     if model_cfg.pred_hidden > 0:
         return MLP(model_cfg.proj_dim, model_cfg.pred_hidden, model_cfg.proj_dim, 2, last_bias=False)
