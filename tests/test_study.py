@@ -107,3 +107,38 @@ def test_overrides_may_follow_list_options():
     from fastcl.study.cli import parse
     a = parse(["--precisions", "1", "0.5", "data.path=x", "--sweep", "fn-precision", "optim.lr=0.1"])
     assert a.precisions == [1.0, 0.5] and a.sweep == ["fn-precision"] and a.overrides == ["data.path=x", "optim.lr=0.1"]
+
+
+def test_ladder_protocol_rungs_continuations_and_resume(tmp_path, capsys):
+    """--protocol ladder: one MoCo-v2 base whose end-of-epoch checkpoints at --rungs survive ckpt_keep (pinned),
+    each rung measured (rungs.json), then every method x seed continues E1 epochs from every rung with its own
+    schedule and seeded RNG (trainer.init_position=reset). An interrupted base resumes; finished runs are skipped."""
+    out = tmp_path / "ladder"
+    args = ["--config", TINY, "--protocol", "ladder", "--rungs", "1", "2", "--epochs", "1", "--seeds", "0", "1",
+            "--out", str(out), "trainer.ckpt_every=1", "trainer.ckpt_keep=1"]
+    assert main(args + ["--methods", "mocov2", "--base-only"]) == 0
+    root = out / "ladder"
+    base = root / "_base"
+    metas = [json.loads((p / "fastcl_meta.json").read_text()) for p in sorted((base / "checkpoints").iterdir())]
+    assert sorted((m["epoch"], m["batches_done"]) for m in metas) == [(1, 0), (2, 0)]  # rungs pinned, rest pruned
+    rungs = json.loads((root / "rungs.json").read_text())["rungs"]
+    assert [r["epoch"] for r in rungs] == [1, 2] and all(0 <= r["knn"]["200"] <= 100 for r in rungs)
+    assert not (root / "e1").exists()  # --base-only: no continuation
+    # interrupt the base after its first rung: the same command resumes it and keeps the rung
+    (base / "result.json").unlink()
+    shutil.rmtree(next(p for p, m in zip(sorted((base / "checkpoints").iterdir()), metas) if m["epoch"] == 2))
+    capsys.readouterr()
+    assert main(args + ["--methods", "mocov2", "sce"]) == 0
+    log = capsys.readouterr().out
+    assert "ladder base resumed" in log and log.count("training") == 8  # 2 rungs x 2 methods x 2 seeds
+    for r in (1, 2):
+        summary = json.loads((root / f"e{r}" / "summary.json").read_text())["methods"]
+        assert set(summary) == {"mocov2", "sce"} and summary["sce"]["seeds"] == [0, 1]
+        steps = [json.loads(ln)["step"] for ln in (root / f"e{r}" / "sce" / "seed0" / "metrics.jsonl").read_text()
+                 .splitlines() if '"loss"' in ln]
+        assert steps == [1, 2, 3, 4]  # its own E1 = 1 epoch of 4 steps, from step 0
+    losses = [[json.loads(ln)["loss"] for ln in (root / "e2" / "mocov2" / f"seed{s}" / "metrics.jsonl").read_text()
+               .splitlines() if '"loss"' in ln] for s in (0, 1)]
+    assert losses[0] != losses[1]  # the seeds draw their own augmentations and order after the rung
+    assert main(args + ["--methods", "mocov2", "sce"]) == 0  # everything finished: skipped
+    assert "done, skipped" in capsys.readouterr().out
