@@ -15,10 +15,12 @@ import shutil
 import time
 
 from fastcl.config import load_config
+from fastcl.methods import METHODS
 from fastcl.train import train
 
-# method -> overrides on top of the shared base. Method hyperparameters are each config's CIFAR values.
-METHOD_RUNS = {
+# method -> overrides on top of the shared base. Method hyperparameters are each config's CIFAR values; a method
+# without an entry runs with its own section's defaults (`method.name=<name>`), so every registered method is here.
+_TUNED = {
     "mocov2": [],
     # SimCLR: global BN over the whole batch (its recipe), not the MoCo base's 8 simulated devices
     "simclr": ["method.name=simclr", "method.queue_size=0", "method.tau=0.2", "model.bn_splits=1"],
@@ -29,6 +31,7 @@ METHOD_RUNS = {
     "sepp": ["method.name=sepp", "method.sepp.table_path={table}"],
     "oracle": ["method.name=oracle"],
 }
+METHOD_RUNS = {name: _TUNED.get(name, [f"method.name={name}"]) for name in ["mocov2", *METHODS]}
 
 
 def main(argv=None) -> dict:
