@@ -161,8 +161,9 @@ def test_loader_bench_views_and_cpu_time_counts_live_children():
 
 def test_scaling_bench_measures_every_item_against_its_formula(tmp_path):
     """`scaling` at a toy N: every memory item's measured bytes (tensors of the real objects after a real refresh,
-    mine and simulated 8-rank all-gather) equal its formula at N and N/4, the formulas at ImageNet-1k are the
-    documented ones, and every timed piece of work took a positive time."""
+    mine, and a real sharded kNN monitor call with 8 ranks simulated) equal its formula at N and N/4, the formulas
+    at ImageNet-1k are the documented ones, the monitor's vote over 2 and 8 simulated shards equals its 1-rank
+    vote, and every timed piece of work took a positive time."""
     from fastcl import bench
     from fastcl.benchmarks import scaling
     bench.main(["scaling", "--n", "2048", "--queue", "1024", "--dim", "16", "--levels", "8", "16", "32",
@@ -176,16 +177,33 @@ def test_scaling_bench_measures_every_item_against_its_formula(tmp_path):
             continue
         assert r["exact"] and r["equal"], r
         assert r["measured_bytes"] == r["formula_bytes"] > 0, key
-        assert r["exponent_formula"] == pytest.approx(0.0 if key == "queue" else 1.0, abs=0.01), key
+        # the similarity block holds all M queries at both toy sizes: [M, N/W] grows as N^2; the held-out
+        # all-gather pads M = 80 / 20 to ceil(M/8) = 10 / 3 rows per rank
+        assert r["exponent_formula"] == pytest.approx({"queue": 0.0, "knn_sims_block": 2.0}.get(key, 1.0),
+                                                      abs=0.15 if key == "knn_test_allgather" else 0.01), key
     assert mem["queue"]["measured_bytes"] == 1024 * 16 * 4 + 1024 * 8 + 8
     assert mem["ifnd_state"]["measured_bytes"] == 3 * 2048 * 20 and mem["sepp_table"]["measured_bytes"] == 2048 * 5 * 12
-    n, m = 2048, 80  # m: the held-out split at ImageNet's ratio, round(2048 * 50000 / 1281167)
-    assert mem["knn_bank"]["measured_bytes"] == n * 32 * 4 and mem["knn_test"]["measured_bytes"] == m * 32 * 4
-    assert mem["knn_allgather"]["measured_bytes"] == (1 + 2 * 8) * 256 * (32 * 4 + 8)
+    n, m, w, db, k = 2048, 80, 8, 32, 200  # m: the held-out split at ImageNet's ratio, round(2048 * 50000 / 1281167)
+    assert mem["knn_shard"]["measured_bytes"] == n // w * db * 4
+    assert mem["knn_sims_block"]["measured_bytes"] == m * (n // w) * 4
+    assert mem["knn_test"]["measured_bytes"] == mem["knn_test_device"]["measured_bytes"] == m * db * 4
+    assert mem["knn_test_allgather"]["measured_bytes"] == (1 + 2 * w) * (m // w) * (db * 4 + 8)
+    assert mem["knn_candidates"]["measured_bytes"] == (1 + 2 * w) * m * k * (4 + 8)
     # the ImageNet column with the default (ImageNet) sizes: the figures docs/SCALING.md quotes
-    big = scaling.IMAGENET_N
+    big, val = scaling.IMAGENET_N, scaling.IMAGENET_VAL
     assert scaling.table_bytes(big, 128) == 329_259_919 and scaling.ifnd_state_bytes(big, 3) == 76_870_020
-    assert scaling.knn_bank_bytes(big, 2048) == 10_495_320_064
+    assert scaling.knn_shard_bytes(big, 2048, 8) == 1_311_916_032
+    assert scaling.knn_sims_block_bytes(big, val, 8) == 104 * 160_146 * 4 == 66_620_736
+    assert scaling.knn_features_bytes(val, 2048) == 409_600_000
+    assert scaling.knn_allgather_bytes(val, 2048, 8) == 17 * 6250 * 8200 == 871_250_000
+    assert scaling.knn_candidates_bytes(val, 200, 8) == 2_040_000_000
+    vote = scaling.vote_cost(big, val, 2048, 8)  # per rank on an H100: far inside the 1800 s collective timeout
+    assert vote["flops"] == 2.0 * val * 160_146 * 2048 and 0.5 < vote["h100_s"] < 2.0, vote
+    for size in ("n", "n_over_4"):  # the bank split over 2 and 8 simulated ranks votes as one rank does
+        split = out["measured"][size]["knn_vote"]["split"]
+        assert sorted(int(x) for x in split) == [2, 8], split
+        for v in split.values():
+            assert v["pred_mismatches"] == 0 and v["top_sims_max_abs_diff"] < 1e-5, v
     engines = out["engines"]
     assert "torch" in engines
     work = {(r["item"], r["engine"]) for r in out["summary"]["time"]}

@@ -6,12 +6,15 @@
 At the scaled N and at N/4 it builds the objects a run keeps and measures their bytes (sum of the tensors'
 nbytes): the MoCo queue (FeatureQueue, filled), the SampleTable (every row written), the IFND miner state
 (ClusterMiner after a real refresh of the table at the IFND levels), the SePP neighbour table (NeighbourMiner after
-a real mine) and the kNN monitor's features (rank 0's shard of the bank, the all-gather buffers, the gathered bank
-and the held-out features, through fastcl.eval.features.gather_by_id with the all-gather of `--world` ranks
-simulated in this process). It times the mining refresh (the ClusterMiner refresh = spherical k-means at every
-level, and the NeighbourMiner mine = the exact kNN table) per engine, and the monitor's kNN vote
-(fastcl.eval.knn.knn_predict with the monitor's similarity block). Features are random unit vectors: byte counts do
-not depend on them and the k-means cost only through its iteration count, which is counted.
+a real mine) and the kNN monitor's buffers: fastcl.eval.monitor.KnnMonitor.__call__ runs as rank 0 of `--world`
+ranks simulated in this process (the other ranks' shards searched by the real shard_topk, their all-gathers
+stood in for by allocating what torch.distributed.all_gather does), and its bank shard (kept on the network's
+device, never all-gathered), the similarity block of shard_topk, the held-out features (their all-gather, the
+device copy, the host copy) and the all-gather of the [M, k] candidates are measured. It times the mining refresh
+(the ClusterMiner refresh = spherical k-means at every level, and the NeighbourMiner mine = the exact kNN table)
+per engine, and the monitor's vote (shard_topk + vote) with one rank (W = 1) and rank 0's part with the bank
+split over 2 and `--world` ranks, whose merged vote must equal the W = 1 vote. Features are random unit vectors:
+byte counts do not depend on them and the k-means cost only through its iteration count, which is counted.
 
 Every item has a formula (bytes; FLOPs and bytes moved for the timed work). The formula is checked against the
 measurement at both sizes (bytes: equal; time: the measured exponent of N against the formula's), then evaluated
@@ -33,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from fastcl.benchmarks.common import write_evidence
-# the kNN monitor's vote scans the bank min(1024, SIMS_BLOCK // N) queries at a time (knn_scores there), so at
-# ImageNet N a block holds 13 queries
+# the kNN monitor's shard_topk compares min(4096, SIMS_BLOCK // n) held-out queries at a time with a rank's n bank
+# rows, so at ImageNet (n = 160,146 per rank at W = 8) a block holds 104 queries
 from fastcl.eval.monitor import SIMS_BLOCK
 from fastcl.mining.engine import faiss_module
 
@@ -52,9 +55,12 @@ ASSUMPTIONS = {
     "pcie_bytes_s": (20e9, "host <-> device copies of pageable memory over PCIe Gen5 x16 (faiss-gpu reads its "
                            "training set from the host every k-means iteration)"),
     "host_flops_per_thread": (50e9, "fp32 GEMM per CPU thread of a server core (AVX-512)"),
-    "host_bytes_s_per_thread": (8e9, "DRAM bandwidth one CPU thread streams"),
-    "host_threads": (8, "torch threads of rank 0: OMP_NUM_THREADS=8 as configs/slurm/pretrain.sbatch exports "
-                        "(accelerate launch and torchrun default to 1 on GPU runs)"),
+    "host_threads": (8, "torch / faiss threads of a host-side search (python -m fastcl.mining.sepp on faiss-cpu): "
+                        "OMP_NUM_THREADS=8 as configs/slurm/pretrain.sbatch exports (accelerate launch and torchrun "
+                        "default to 1 on GPU runs)"),
+    "nccl_allgather_bytes_s": (100e9, "all-gather bandwidth per receiving GPU within an 8-GPU NVLink node (NVLink 4 "
+                                      "peaks at 450 GB/s per direction; taken low): the kNN monitor's [M, k] "
+                                      "candidates"),
     "eval_img_s_per_gpu": (3000, "kNN monitor / IFND source=pass embedding pass per H100 at 224 px: bound by JPEG "
                                  "decode, ~12 cores per GPU x ~250 img/s per core for a full-size ImageNet JPEG "
                                  "(ffcv's centre-crop decode took 1.52 CPU ms on 224 px Imagenette JPEGs, "
@@ -67,6 +73,8 @@ KPP_KERNELS = 15      # CUDA kernels per k-means++ step (matmul, clamp, minimum,
 LLOYD_KERNELS = 8     # CUDA kernels per Lloyd iteration outside the similarity chunks (index_add, bincount, ...)
 CHUNK_KERNELS = 3     # per similarity chunk (matmul, max/topk, copy)
 KNN_BLOCK_KERNELS = 6  # per (query chunk x bank chunk) block of the torch kNN search (matmul, topk, cat, topk, ...)
+VOTE_BLOCK_KERNELS = 5  # per query block of the monitor's shard_topk (matmul, topk, label gather, 2 copies)
+VOTE_MERGE_KERNELS = 10  # the monitor's merge (2 all-gathers, their cats and permutes, topk, exp, scatter, argmax)
 
 
 def A(name: str) -> float:
@@ -100,19 +108,40 @@ def shard_rows(n: int, world: int) -> int:
 
 
 def knn_shard_bytes(n: int, d: int, world: int) -> int:
-    """Rank 0's shard of the monitor's embedding pass: fp32 [ceil(N/W), D]."""
+    """Rank 0's shard of the monitor's bank: fp32 [ceil(N/W), D], embedded and kept on the network's device
+    through the vote (embed_dataset(gather=False)); the bank is never all-gathered."""
     return shard_rows(n, world) * d * 4
 
 
 def knn_allgather_bytes(n: int, d: int, world: int) -> int:
-    """gather_by_id on every rank: the padded shard (features + ids), W receive buffers of it and their torch.cat,
-    i.e. (1 + 2W) x ceil(N/W) x (4D + 8) bytes. On the GPU when the network is (then a host copy of the cat too)."""
+    """gather_by_id of an n-row split on every rank (the monitor's held-out features): the padded shard (features +
+    ids), W receive buffers of it and their torch.cat, i.e. (1 + 2W) x ceil(n/W) x (4D + 8) bytes. On the GPU when
+    the network is (then a host copy of the cat too, while it is sorted by id)."""
     return (1 + 2 * world) * shard_rows(n, world) * (4 * d + 8)
 
 
-def knn_bank_bytes(n: int, d: int) -> int:
-    """The gathered, L2-normalised features fp32 [N, D] every rank returns (host memory)."""
+def knn_features_bytes(n: int, d: int) -> int:
+    """L2-normalised features fp32 [n, D] (the monitor's held-out split: host copy, and device copy)."""
     return n * d * 4
+
+
+def vote_block_rows(shard: int) -> int:
+    """Held-out queries per similarity block of fastcl.eval.monitor.shard_topk against `shard` bank rows."""
+    return max(1, min(4096, SIMS_BLOCK // max(1, shard)))
+
+
+def knn_sims_block_bytes(n: int, m: int, world: int) -> int:
+    """shard_topk's similarity block: fp32 [min(M, q), ceil(N/W)], q = vote_block_rows (at most SIMS_BLOCK
+    elements, 64 MiB); one at a time, transient."""
+    shard = shard_rows(n, world)
+    return min(m, vote_block_rows(shard)) * shard * 4
+
+
+def knn_candidates_bytes(m: int, k: int, world: int) -> int:
+    """The all-gather of the monitor's candidates, sims fp32 and labels int64 [M, k] each: this rank's, W receive
+    buffers and their torch.cat ([W, M, k]), i.e. (1 + 2W) x M x k x (4 + 8) bytes, transient, on the network's
+    device. It bounds the merge's peak: the [M, W k] permuted copy is made after the receive buffers are freed."""
+    return (1 + 2 * world) * m * k * (4 + 8)
 
 
 def val_size(n: int) -> int:
@@ -192,15 +221,25 @@ def knn_table_cost(n: int, d: int, k: int, batch: int = 16384) -> dict:
     return {"flops": flops, "h100_torch_s": torch_s, "h100_faiss_gpu_s": faiss_s}
 
 
-def vote_cost(n: int, m: int, d: int, threads: float | None = None) -> dict:
-    """The monitor's weighted kNN vote (knn_predict on rank 0's CPU): 2*M*N*D FLOPs; the bank [N, D] fp32 is
-    streamed once per block of min(1024, SIMS_BLOCK // N) queries. Host time = the larger of FLOPs and bytes over
-    the assumed per-thread rates x host_threads (threads overrides the thread count)."""
-    rows = max(1, min(1024, SIMS_BLOCK // max(1, n)))
-    flops, streamed = 2.0 * m * n * d, -(-m // rows) * n * d * 4.0
-    t = A("host_threads") if threads is None else threads
-    host_s = max(flops / (t * A("host_flops_per_thread")), streamed / (t * A("host_bytes_s_per_thread")))
-    return {"flops": flops, "bytes_streamed": streamed, "block_rows": rows, "host_s": host_s, "host_threads": t}
+def vote_cost(n: int, m: int, d: int, world: int, k: int = 200) -> dict:
+    """The monitor's sharded kNN vote per rank (fastcl.eval.monitor.KnnMonitor.__call__), on the network's device.
+    shard_topk: 2*M*ceil(N/W)*D FLOPs in blocks of q = vote_block_rows queries; each block re-reads the shard,
+    writes its similarities and topk reads them back (8 bytes per similarity), VOTE_BLOCK_KERNELS kernels per
+    block. The merge: the all-gather of the [M, k] candidates (W*M*k*12 bytes received at nccl_allgather_bytes_s;
+    the cat, the [M, W k] permute and the vote's topk move about 5x that on the GPU) and the vote's kernels.
+    H100 time: FLOPs at h100_fp32_flops + bytes at h100_hbm_bytes_s + kernels x h100_kernel_s."""
+    F_, BW, OVH = A("h100_fp32_flops"), A("h100_hbm_bytes_s"), A("h100_kernel_s")
+    shard = shard_rows(n, world)
+    rows = vote_block_rows(shard)
+    blocks = -(-m // rows)
+    flops = 2.0 * m * shard * d
+    streamed = blocks * shard * d * 4.0 + m * d * 4.0 + 8.0 * m * shard
+    topk_s = flops / F_ + streamed / BW + blocks * VOTE_BLOCK_KERNELS * OVH
+    cand = float(world * m * k * (4 + 8))
+    merge_s = cand / A("nccl_allgather_bytes_s") + 5 * cand / BW + VOTE_MERGE_KERNELS * OVH
+    return {"flops": flops, "flops_all_ranks": 2.0 * m * n * d, "shard_rows": shard, "block_rows": rows,
+            "blocks": blocks, "bytes_streamed": streamed, "candidate_bytes": cand, "h100_shard_topk_s": topk_s,
+            "h100_merge_s": merge_s, "h100_s": topk_s + merge_s}
 
 
 # --------------------------------------------------------------------------------------------- measurement
@@ -296,10 +335,12 @@ def _timed(fn, repeats: int) -> tuple[object, dict]:
                       "the measured call itself is not run before it is timed (one refresh is what a run pays)"}
 
 
-def simulated_gather(world: int, n: int, d: int, g: torch.Generator, record: list):
-    """Stand-in for fastcl.dist.gather inside gather_by_id: allocates what torch.distributed.all_gather does (one
-    receive buffer per rank, then torch.cat) and fills rank r's buffer with rank r's shard (its ids, random unit
-    features; rank 0's is the tensor passed in). record gets the bytes of the buffers and of the cat."""
+def simulated_gather(world: int, test: torch.Tensor, cands: list, record: list):
+    """Stand-in for fastcl.dist.gather with `world` ranks simulated in this process (this process is rank 0):
+    allocates what torch.distributed.all_gather does (one receive buffer per rank, then torch.cat) and fills rank
+    r's buffer with what rank r sends: for gather_by_id (the held-out features: padded shard 2-D, ids 1-D) the rows
+    of `test` in rank r's shard; for the monitor's candidates ([1, M, k] sims, then labels) cands[r], the
+    (sims, labels) of rank r's own shard_topk. record gets (kind, bytes of the input + the buffers + the cat)."""
     from fastcl.eval.features import shard_ids
 
     def gather(x: torch.Tensor) -> torch.Tensor:
@@ -307,35 +348,83 @@ def simulated_gather(world: int, n: int, d: int, g: torch.Generator, record: lis
         for r, b in enumerate(bufs):
             if r == 0:
                 b.copy_(x)
-                continue
-            ids = shard_ids(n, r, world)
-            if x.dtype == torch.int64:
-                b.fill_(-1)
-                b[:len(ids)] = ids
+            elif x.dim() == 3:
+                b.copy_(cands[r][0 if x.is_floating_point() else 1][None])
             else:
-                b.zero_()
-                b[:len(ids)] = unit(len(ids), d, g)
+                ids = shard_ids(test.shape[0], r, world)
+                b.fill_(-1 if x.dtype == torch.int64 else 0)
+                b[:len(ids)] = ids if x.dtype == torch.int64 else test[ids]
         out = torch.cat(bufs)
-        record.append(nbytes(*bufs) + out.nbytes)
+        record.append(("candidates" if x.dim() == 3 else "features", x.nbytes + nbytes(*bufs) + out.nbytes))
         return out
     return gather
 
 
-def monitor_features(n: int, d: int, world: int, g: torch.Generator) -> dict:
-    """The kNN monitor's features of an N-image split, as rank 0 holds them: its shard (what _embed_shard writes),
-    the all-gather (gather_by_id with `world` ranks simulated) and the gathered [N, D]. Returns the bytes and the
-    gathered features."""
+def monitor_call(bank: torch.Tensor, bank_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
+                 world: int, k: int, t: float = 0.1) -> dict:
+    """One call of the kNN monitor (fastcl.eval.monitor.KnnMonitor.__call__, the real code) as rank 0 of `world`
+    ranks, on this process's device. The embedding passes are replaced by the features given (rank 0's shard of
+    `bank` as embed_dataset(gather=False) returns it; `test` through the real gather_by_id), the effective rank
+    is skipped; with world > 1 the all-gathers are simulated (simulated_gather) and the other ranks' candidates
+    come from the real shard_topk on their shards (computed before the call, not timed: other ranks run them).
+    Returns the bytes of the buffers, the seconds of rank 0's shard_topk and vote, its predictions [M] and the
+    sims of the k neighbours that voted [M, k]."""
+    from types import SimpleNamespace
+
     from fastcl import dist
+    from fastcl.eval import diagnostics, features, monitor
     from fastcl.eval.features import gather_by_id, shard_ids
 
-    ids = shard_ids(n, 0, world)
-    shard = unit(len(ids), d, g)                 # rank 0's rows of the embedding pass (L2-normalised, fp32)
-    record: list[int] = []
-    with mock.patch.object(dist, "gather", simulated_gather(world, n, d, g, record)):
-        bank = gather_by_id(shard, ids, n, world)
-    m = shard_rows(n, world)
-    padded = m * d * 4 + m * 8                   # gather_by_id's pad_f and pad_i
-    return {"shard": shard.nbytes, "allgather": padded + sum(record), "bank": bank.nbytes, "feats": bank}
+    n, m = bank.shape[0], test.shape[0]
+    shards = [shard_ids(n, r, world) for r in range(world)]
+    cands = [None] + [monitor.shard_topk(test, bank[i], bank_labels[i], k) for i in shards[1:]]
+    rec: dict = {"sims_block": 0}
+    record: list = []
+    real_topk, real_vote, real_tensor_topk = monitor.shard_topk, monitor.vote, torch.Tensor.topk
+
+    def embed_dataset(net, cfg, path=None, gather=True, **kw):
+        if path == "bank":
+            return bank[shards[0]], shards[0]            # what _embed_shard writes on rank 0, kept on its device
+        ids = shard_ids(m, 0, world)
+        return gather_by_id(test[ids], ids, m, world)
+
+    def block_topk(self, *args, **kwargs):               # the [queries, n] similarity blocks of shard_topk
+        rec["sims_block"] = max(rec["sims_block"], self.nbytes)
+        return real_tensor_topk(self, *args, **kwargs)
+
+    def shard_topk(q, b, labels, kk):
+        rec["test_device"], rec["shard"] = q.nbytes, b.nbytes
+        with mock.patch.object(torch.Tensor, "topk", block_topk):
+            t0 = time.perf_counter()
+            out = real_topk(q, b, labels, kk)
+            rec["shard_topk_s"] = time.perf_counter() - t0
+        return out
+
+    def vote(sims, labels, kk, tt, classes):
+        t0 = time.perf_counter()
+        pred = real_vote(sims, labels, kk, tt, classes)
+        rec["vote_s"] = time.perf_counter() - t0
+        rec["pred"], rec["top_sims"] = pred, sims.topk(min(kk, sims.shape[1]), dim=1).values
+        return pred
+
+    cfg = SimpleNamespace(data=SimpleNamespace(eval_path=""),
+                          trainer=SimpleNamespace(knn_every=0, knn_k=k, knn_t=t))
+    mon = monitor.KnnMonitor(cfg)
+    mon.enabled = True
+    mon.bank, mon.test = monitor.Split("path", "bank", bank_labels), monitor.Split("eval_path", "test", test_labels)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(features, "embed_dataset", embed_dataset))
+        stack.enter_context(mock.patch.object(monitor, "shard_topk", shard_topk))
+        stack.enter_context(mock.patch.object(monitor, "vote", vote))
+        stack.enter_context(mock.patch.object(diagnostics, "effective_rank", lambda f: float("nan")))
+        if world > 1:
+            stack.enter_context(mock.patch.object(dist, "gather", simulated_gather(world, test, cands, record)))
+        res = mon(torch.nn.Identity())
+    rec["test_host"] = mon._test_feats.nbytes
+    rec["test_allgather"] = sum(b for kind, b in record if kind == "features")
+    rec["candidates"] = sum(b for kind, b in record if kind == "candidates")
+    rec["knn_top1"] = res["knn_top1"]
+    return rec
 
 
 def warm_up(engines: list[str]) -> None:
@@ -352,7 +441,6 @@ def warm_up(engines: list[str]) -> None:
 
 def measure(n: int, a, engines: list[str]) -> dict:
     """Every item at one scaled size n: measured bytes (and formula), timed refreshes and vote."""
-    from fastcl.eval.knn import knn_predict
     from fastcl.memory import FeatureQueue, SampleTable
     from fastcl.mining.miner import ClusterMiner, NeighbourMiner
 
@@ -437,30 +525,38 @@ def measure(n: int, a, engines: list[str]) -> dict:
     out["sepp_mine"] = sepp
     out["sepp_table"] = {"bytes": sepp[engines[0]]["bytes"], "formula_bytes": sepp[engines[0]]["formula_bytes"]}
 
-    # kNN monitor: bank = the training split, test = the held-out split, both embedded sharded and all-gathered
+    # kNN monitor: bank = the training split, sharded and kept per rank; test = the held-out split, all-gathered
     m = val_size(n)
-    bank = monitor_features(n, a.backbone_dim, a.world, g)
-    test = monitor_features(m, a.backbone_dim, a.world, g)
-    out["knn_shard"] = {"bytes": bank["shard"], "formula_bytes": knn_shard_bytes(n, a.backbone_dim, a.world)}
-    out["knn_allgather"] = {"bytes": bank["allgather"],
-                            "formula_bytes": knn_allgather_bytes(n, a.backbone_dim, a.world)}
-    out["knn_bank"] = {"bytes": bank["bank"], "formula_bytes": knn_bank_bytes(n, a.backbone_dim)}
-    out["knn_test"] = {"bytes": test["bank"], "formula_bytes": knn_bank_bytes(m, a.backbone_dim), "m": m}
-    labels = torch.randint(1000, (n,), generator=g)
-    cost = vote_cost(n, m, a.backbone_dim, threads=torch.get_num_threads())
-    _, timing = _timed(lambda: knn_predict(bank["feats"], labels, test["feats"], 200,
-                                           0.1, 1000, cost["block_rows"]), a.repeats)
-    out["knn_vote"] = {"m": m, "block_rows": cost["block_rows"], "timing": timing, "model": cost,
-                       "achieved_gflop_s": cost["flops"] / timing["median_s"] / 1e9,
-                       "achieved_gbytes_s": cost["bytes_streamed"] / timing["median_s"] / 1e9}
-    # the same vote with ImageNet's block (13 queries per scan of the bank): the regime that bounds it there
-    rows = max(1, min(1024, SIMS_BLOCK // IMAGENET_N))
-    q = test["feats"][:rows * a.probe_blocks]
-    _, timing = _timed(lambda: knn_predict(bank["feats"], labels, q, 200, 0.1, 1000, rows), a.repeats)
-    streamed = -(-q.shape[0] // rows) * n * a.backbone_dim * 4
-    out["knn_vote_imagenet_block"] = {"queries": q.shape[0], "block_rows": rows, "timing": timing,
-                                      "bytes_streamed": streamed, "flops": 2.0 * q.shape[0] * n * a.backbone_dim,
-                                      "achieved_gbytes_s": streamed / timing["median_s"] / 1e9}
+    bank, test = unit(n, a.backbone_dim, g), unit(m, a.backbone_dim, g)
+    bank_labels, test_labels = torch.randint(1000, (n,), generator=g), torch.randint(1000, (m,), generator=g)
+    ones = [monitor_call(bank, bank_labels, test, test_labels, 1, a.knn_k) for _ in range(a.repeats)]
+    times = [r["shard_topk_s"] + r["vote_s"] for r in ones]
+    one = ones[sorted(range(len(times)), key=times.__getitem__)[len(times) // 2]]
+    split = {}
+    for w in sorted({2, a.world}):  # the bank split over w ranks: rank 0's part, and the merged vote against W = 1
+        r = monitor_call(bank, bank_labels, test, test_labels, w, a.knn_k)
+        split[w] = {"shard_rows": shard_rows(n, w), "shard_topk_s": r["shard_topk_s"], "vote_s": r["vote_s"],
+                    "pred_mismatches": int((r["pred"] != one["pred"]).sum()),
+                    "top_sims_max_abs_diff": float((r["top_sims"] - one["top_sims"]).abs().max()),
+                    "knn_top1": r["knn_top1"]}
+        if w == a.world:
+            mem = r
+    W, Db = a.world, a.backbone_dim
+    out["knn_shard"] = {"bytes": mem["shard"], "formula_bytes": knn_shard_bytes(n, Db, W)}
+    out["knn_sims_block"] = {"bytes": mem["sims_block"], "formula_bytes": knn_sims_block_bytes(n, m, W)}
+    out["knn_test_allgather"] = {"bytes": mem["test_allgather"], "formula_bytes": knn_allgather_bytes(m, Db, W)}
+    out["knn_test_device"] = {"bytes": mem["test_device"], "formula_bytes": knn_features_bytes(m, Db), "m": m,
+                              "note": "on a CPU run .to(device) returns the host tensor itself; on a GPU it is "
+                                      "a copy: counted from the tensor shard_topk receives"}
+    out["knn_test"] = {"bytes": mem["test_host"], "formula_bytes": knn_features_bytes(m, Db), "m": m}
+    out["knn_candidates"] = {"bytes": mem["candidates"], "formula_bytes": knn_candidates_bytes(m, a.knn_k, W)}
+    cost = vote_cost(n, m, Db, 1, a.knn_k)
+    timing = {"median_s": sorted(times)[len(times) // 2], "times_s": times, "repeats": a.repeats,
+              "method": "time.perf_counter around rank 0's shard_topk and vote inside the real "
+                        "KnnMonitor.__call__ (W = 1: no all-gather), summed; the embedding passes are not timed"}
+    out["knn_vote"] = {"m": m, "k": a.knn_k, "block_rows": cost["block_rows"], "timing": timing, "model": cost,
+                       "shard_topk_s": one["shard_topk_s"], "vote_s": one["vote_s"], "knn_top1": one["knn_top1"],
+                       "achieved_gflop_s": cost["flops"] / timing["median_s"] / 1e9, "split": split}
     return out
 
 
@@ -471,11 +567,18 @@ MEMORY_ITEMS = [  # key, label, where it lives (per rank), formula text
     ("ifnd_state", "IFND miner state (L levels)", "replicated: every rank, GPU (rank 0 computes, broadcast)",
      "L*N*(8 + 4 + 8)"),
     ("sepp_table", "SePP neighbour table", "replicated: every rank, GPU (each rank loads the .npz)", "N*k*(8 + 4)"),
-    ("knn_shard", "kNN monitor: rank's shard of the bank pass", "sharded: 1/W per rank, GPU", "ceil(N/W)*Db*4"),
-    ("knn_allgather", "kNN monitor: all-gather of the bank", "every rank, GPU, transient",
-     "(1 + 2W)*ceil(N/W)*(Db*4 + 8)"),
-    ("knn_bank", "kNN monitor: gathered bank features", "replicated: every rank, host", "N*Db*4"),
-    ("knn_test", "kNN monitor: held-out features", "replicated: every rank, host (kept between calls)", "M*Db*4"),
+    ("knn_shard", "kNN monitor: rank's shard of the bank (never all-gathered)",
+     "sharded: 1/W per rank, GPU, kept through the vote", "ceil(N/W)*Db*4"),
+    ("knn_sims_block", "kNN monitor: shard_topk similarity block", "every rank, GPU, transient",
+     "min(M, q)*ceil(N/W)*4, q = min(4096, SIMS_BLOCK // ceil(N/W))"),
+    ("knn_test_allgather", "kNN monitor: all-gather of the held-out features", "every rank, GPU, transient",
+     "(1 + 2W)*ceil(M/W)*(Db*4 + 8)"),
+    ("knn_test_device", "kNN monitor: held-out features, device copy", "replicated: every rank, GPU, during the call",
+     "M*Db*4"),
+    ("knn_test", "kNN monitor: held-out features, host copy", "replicated: every rank, host (kept between calls)",
+     "M*Db*4"),
+    ("knn_candidates", "kNN monitor: all-gather of the candidates (sims fp32 + labels int64)",
+     "every rank, GPU, transient", "(1 + 2W)*M*k*(4 + 8)"),
     ("kmeans_transient", "IFND refresh scratch (torch engine)", "rank 0 only, GPU, transient",
      "~2*N*D*4 + L*N*12 + level scratch"),
 ]
@@ -487,9 +590,11 @@ def formula_at(key: str, n: int, a, world: int) -> int:
             "ifnd_state": lambda: ifnd_state_bytes(n, len(a.levels)),
             "sepp_table": lambda: sepp_state_bytes(n, a.sepp_k),
             "knn_shard": lambda: knn_shard_bytes(n, a.backbone_dim, world),
-            "knn_allgather": lambda: knn_allgather_bytes(n, a.backbone_dim, world),
-            "knn_bank": lambda: knn_bank_bytes(n, a.backbone_dim),
-            "knn_test": lambda: knn_bank_bytes(m, a.backbone_dim),
+            "knn_sims_block": lambda: knn_sims_block_bytes(n, m, world),
+            "knn_test_allgather": lambda: knn_allgather_bytes(m, a.backbone_dim, world),
+            "knn_test_device": lambda: knn_features_bytes(m, a.backbone_dim),
+            "knn_test": lambda: knn_features_bytes(m, a.backbone_dim),
+            "knn_candidates": lambda: knn_candidates_bytes(m, a.knn_k, world),
             "kmeans_transient": lambda: kmeans_transient_bytes(n, a.dim, a.levels)}[key]()
 
 
@@ -572,29 +677,33 @@ def summarize(a, big: dict, small: dict, engines: list[str]) -> dict:
                           "h100_torch_s": models[f"d{a.imagenet_sepp_dim}"]["h100_torch_s"],
                           "h100_faiss_gpu_s": models[f"d{a.imagenet_sepp_dim}"]["h100_faiss_gpu_s"]})
     vb, vs = big["knn_vote"], small["knn_vote"]
-    vote_in = vote_cost(IMAGENET_N, IMAGENET_VAL, a.backbone_dim)
-    vote_1 = vote_cost(IMAGENET_N, IMAGENET_VAL, a.backbone_dim, threads=1)
-    probe = big["knn_vote_imagenet_block"]
-    time_rows.append({"item": "knn_vote", "engine": "torch-cpu (rank 0's host)",
-                      "label": f"kNN monitor vote, k=200 over Db={a.backbone_dim}",
-                      "where": "rank 0 only, host CPU (others wait in broadcast_object)",
+    vote_in = vote_cost(IMAGENET_N, IMAGENET_VAL, a.backbone_dim, IMAGENET_WORLD, a.knn_k)
+    time_rows.append({"item": "knn_vote", "engine": "torch on the network's device (GPU at ImageNet; CPU here)",
+                      "label": f"kNN monitor vote, k={a.knn_k} over Db={a.backbone_dim} "
+                               f"(shard_topk + candidate merge + vote)",
+                      "where": "every rank on its own bank shard, on its GPU; then an all-gather of the [M, k] "
+                               "candidates, the same vote on every rank",
                       "measured_s": vb["timing"]["median_s"], "measured_s_small": vs["timing"]["median_s"],
                       "flops": vb["model"]["flops"], "flops_small": vs["model"]["flops"],
                       "achieved_gflop_s": vb["achieved_gflop_s"],
+                      "shard_topk_s": vb["shard_topk_s"], "vote_s": vb["vote_s"],
+                      "shard_topk_s_small": vs["shard_topk_s"], "vote_s_small": vs["vote_s"],
+                      "block_rows_measured": vb["block_rows"], "split": vb["split"], "split_small": vs["split"],
                       "exponent_measured": exponent(vb["timing"]["median_s"], vs["timing"]["median_s"], ratio),
                       "exponent_formula": exponent(vb["model"]["flops"], vs["model"]["flops"], ratio),
-                      "imagenet_flops": vote_in["flops"], "imagenet_bytes_streamed": vote_in["bytes_streamed"],
-                      "imagenet_block_rows": vote_in["block_rows"], "host_s": vote_in["host_s"],
-                      "block_rows_measured": vb["block_rows"],
-                      "host_s_1_thread": vote_1["host_s"],
-                      "imagenet_block_probe_gbytes_s": probe["achieved_gbytes_s"],
-                      "this_cpu_at_imagenet_s": max(vote_in["flops"] / (vb["achieved_gflop_s"] * 1e9),
-                                                    vote_in["bytes_streamed"] / (probe["achieved_gbytes_s"] * 1e9))})
+                      "imagenet_flops": vote_in["flops"], "imagenet_flops_all_ranks": vote_in["flops_all_ranks"],
+                      "imagenet_shard_rows": vote_in["shard_rows"], "imagenet_block_rows": vote_in["block_rows"],
+                      "imagenet_bytes_streamed": vote_in["bytes_streamed"],
+                      "imagenet_candidate_bytes": vote_in["candidate_bytes"],
+                      "h100_torch_s": vote_in["h100_s"], "h100_shard_topk_s": vote_in["h100_shard_topk_s"],
+                      "h100_merge_s": vote_in["h100_merge_s"],
+                      "this_cpu_per_rank_at_imagenet_s": vote_in["flops"] / (vb["achieved_gflop_s"] * 1e9)})
     embed_s = (IMAGENET_N + IMAGENET_VAL) / (IMAGENET_WORLD * A("eval_img_s_per_gpu"))
     epoch_s = IMAGENET_N / (IMAGENET_WORLD * A("train_img_s_per_gpu"))
     return {"memory": mem_rows, "time": time_rows,
             "imagenet": {"n": IMAGENET_N, "val": IMAGENET_VAL, "world": IMAGENET_WORLD,
-                         "knn_embed_pass_s": embed_s, "train_epoch_s_at_target": epoch_s,
+                         "knn_embed_pass_s": embed_s, "knn_vote_h100_s": vote_in["h100_s"],
+                         "knn_call_s": embed_s + vote_in["h100_s"], "train_epoch_s_at_target": epoch_s,
                          "collective_timeout_s": 1800}}
 
 
@@ -618,11 +727,15 @@ def print_tables(a, summary: dict, n: int) -> None:
         em = "n/a" if r["exponent_measured"] is None else f"{r['exponent_measured']:.2f}"
         parts = ""
         if r["item"] == "knn_vote":
-            gpu = (f"runs on the host: {secs(r['host_s'])} at {A('host_threads'):.0f} threads, "
-                   f"{secs(r['host_s_1_thread'])} at 1 (model)")
+            gpu = (f"{secs(r['h100_torch_s'])} per rank: shard_topk {secs(r['h100_shard_topk_s'])} "
+                   f"({r['imagenet_block_rows']}-query blocks of the {r['imagenet_shard_rows']:,}-row shard), "
+                   f"merge {secs(r['h100_merge_s'])}")
             fg = "n/a"
-            parts = (f"{r['block_rows_measured']}-query blocks; ImageNet's {r['imagenet_block_rows']}-query blocks "
-                     f"streamed the bank at {r['imagenet_block_probe_gbytes_s']:.3g} GB/s")
+            split = "; ".join(f"W = {w}: rank 0 {secs(v['shard_topk_s'])} + {secs(v['vote_s'])}, "
+                              f"{v['pred_mismatches']} of the predictions differ from W = 1"
+                              for w, v in r["split"].items())
+            parts = (f"W = 1: shard_topk {secs(r['shard_topk_s'])} ({r['block_rows_measured']}-query blocks) + "
+                     f"vote {secs(r['vote_s'])}; {split}")
         else:
             gpu, fg = secs(r["h100_torch_s"]), secs(r["h100_faiss_gpu_s"])
         if r["item"] == "ifnd_refresh":
@@ -636,8 +749,9 @@ def print_tables(a, summary: dict, n: int) -> None:
               f"{r['flops'] / 1e9:.4g} | {r['achieved_gflop_s']:.3g} | {parts} | {em} / {r['exponent_formula']:.2f} | "
               f"{r['imagenet_flops'] / 1e12:.4g} | {gpu} | {fg} | {r['where']} |")
     im = summary["imagenet"]
-    print(f"\nkNN monitor embedding pass at ImageNet (model): {secs(im['knn_embed_pass_s'])} on {IMAGENET_WORLD} "
-          f"ranks; training epoch at the {A('train_img_s_per_gpu'):.0f} img/s/GPU target (not a measurement): "
+    print(f"\nkNN monitor call at ImageNet (model): embedding pass {secs(im['knn_embed_pass_s'])} on {IMAGENET_WORLD} "
+          f"ranks + vote {secs(im['knn_vote_h100_s'])} = {secs(im['knn_call_s'])} (collective timeout "
+          f"{im['collective_timeout_s']} s); training epoch at the {A('train_img_s_per_gpu'):.0f} img/s/GPU target (not a measurement): "
           f"{secs(im['train_epoch_s_at_target'])}")
 
 
@@ -657,9 +771,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--imagenet-sepp-dim", type=int, default=2048,
                    help="feature dim of the SePP search at ImageNet (pooled ResNet-50 features, centred)")
     p.add_argument("--backbone-dim", type=int, default=2048, help="kNN monitor feature dim Db (ResNet-50)")
-    p.add_argument("--world", type=int, default=IMAGENET_WORLD, help="ranks the monitor's pass is sharded over")
-    p.add_argument("--probe-blocks", type=int, default=8,
-                   help="blocks of ImageNet's vote block size timed against the scaled bank")
+    p.add_argument("--world", type=int, default=IMAGENET_WORLD,
+                   help="ranks the kNN monitor is sharded over (simulated in this process; >= 2)")
+    p.add_argument("--knn-k", type=int, default=200, help="neighbours of the kNN monitor's vote (trainer.knn_k)")
     p.add_argument("--engines", nargs="+", default=None, choices=["torch", "faiss-cpu"],
                    help="mining engines (default: torch, and faiss-cpu when importable)")
     p.add_argument("--repeats", type=int, default=1)
@@ -671,8 +785,9 @@ def main(argv: list[str] | None = None) -> dict:
     small_n = a.n // 4
     if min(a.levels) < 2 or max(a.levels) > small_n:
         raise ValueError(f"--levels must lie in [2, N/4 = {small_n}], got {a.levels}")
-    if a.queue < 1 or a.world < 1 or small_n < a.world or a.repeats < 1:
-        raise ValueError("--queue, --repeats >= 1 and N/4 >= --world are needed")
+    if a.queue < 1 or a.world < 2 or a.knn_k < 1 or val_size(small_n) < a.world or a.repeats < 1:
+        raise ValueError("--queue, --knn-k, --repeats >= 1, --world >= 2 and N/4's held-out split "
+                         f"({val_size(small_n)} images) >= --world are needed")
     engines = a.engines or (["torch"] + (["faiss-cpu"] if faiss_module() is not None else []))
     if a.threads > 0:
         torch.set_num_threads(a.threads)
@@ -691,7 +806,8 @@ def main(argv: list[str] | None = None) -> dict:
                "assumptions": {k: {"value": v, "meaning": m} for k, (v, m) in ASSUMPTIONS.items()},
                "model_constants": {"KPP_KERNELS": KPP_KERNELS, "LLOYD_KERNELS": LLOYD_KERNELS,
                                    "CHUNK_KERNELS": CHUNK_KERNELS, "KNN_BLOCK_KERNELS": KNN_BLOCK_KERNELS,
-                                   "SIMS_BLOCK": SIMS_BLOCK},
+                                   "VOTE_BLOCK_KERNELS": VOTE_BLOCK_KERNELS,
+                                   "VOTE_MERGE_KERNELS": VOTE_MERGE_KERNELS, "SIMS_BLOCK": SIMS_BLOCK},
                "measured": {"n": _strip(big), "n_over_4": _strip(small)}, "summary": summary}
     write_evidence(a.name, payload, out_dir=a.out)
     return payload
