@@ -6,9 +6,11 @@ import os
 
 import pytest
 
+from fastcl.methods import METHODS
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs/test/tiny.yaml")
-ALL = ["mocov2", "simclr", "sce", "ifnd", "sepp", "sane", "oracle"]
+ALL = ["mocov2", *(m for m in METHODS if m != "mocov2")]  # every registered method
 
 
 def _evidence(folder):

@@ -149,8 +149,9 @@ class KnnMonitor:
         bank, ids = embed_dataset(backbone, self.cfg, path=self.bank.path, batch_size=self.batch_size,
                                   max_samples=0, gather=False)
         labels = self.bank.labels[ids].to(bank.device)
-        keep = labels >= 0  # unlabelled bank images (flat folders, STL-10's unlabelled split) do not vote
-        bank, labels = bank[keep], labels[keep]
+        if self.voters is not None:  # unlabelled bank images (flat folders, STL-10's unlabelled split) do not vote
+            keep = labels >= 0
+            bank, labels = bank[keep], labels[keep]
         self._test_feats, self._test_net = self.embed(backbone, self.test), backbone
         test = self._test_feats.to(bank.device)
         sims, cand = shard_topk(test, bank, labels, self.k)
