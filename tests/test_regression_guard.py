@@ -36,11 +36,11 @@ def test_reference_is_the_seed_runs_it_claims(ref):
         assert p["reference"] == statistics(seeds)  # derived from the seeds, not edited by hand
         for st in p["reference"]:
             assert st["n"] == len(seeds) and st["alpha"] == pytest.approx(regression.ALPHA_FAMILY / 3, rel=1e-3)
-        # the guard is only worth running if training moves every point beyond its tolerance: a check whose
-        # networks stayed at their initialisation (a trainer that stopped learning) fails every point
+        # the guard is only worth running if training moves every point well beyond its tolerance: a trainer
+        # that stops learning (a queue that is never filled, a frozen student) stays near the initialisation
         init = sum(r["init"] for r in seeds.values()) / len(seeds)
         for st in p["reference"]:
-            assert st["mean"] - st["tol"] > init, (name, init, st)
+            assert st["mean"] - init > 2 * st["tol"], (name, init, st)
     assert ref["commit"]["hash"] and set(regression.ENV_KEYS) <= set(ref["environment"])
 
 
