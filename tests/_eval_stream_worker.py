@@ -19,18 +19,9 @@ import sys
 
 import torch
 
+from _dist_embed_worker import tiny_net  # the same seeded backbone (this folder is the script's sys.path[0])
+
 EVAL = ["data.backend=torch", "data.workers=1", "trainer.knn_every=1", "trainer.knn_k=20"]
-
-
-def tiny_net() -> torch.nn.Module:
-    """A small backbone, the same weights in every process (seeded): [B,3,S,S] -> [B, 16]."""
-    g = torch.Generator().manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 16))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return net
 
 
 def monitor_cfg(bank: str, test: str, size: int):

@@ -12,7 +12,7 @@ Feature cache: one file per (checkpoint directory, its files' newest mtime, whic
 its mtime, eval transform); a later run with the same key loads it instead of running the backbone. The
 kNN (fastcl.eval.knn) and semi-supervised (fastcl.eval.semisup, linear mode) commands share it.
 
-Sound by default on every backbone (issue 12): the presets' learning rates assume one feature scale (MoCo's lr 30:
+Sound by default on every backbone: the presets' learning rates assume one feature scale (MoCo's lr 30:
 ImageNet ResNet-50 pooled features), and on a small CIFAR backbone `moco` diverged (start CE 2,890 on 10
 classes). So (1) the features are STANDARDISED with the train split's per-dimension mean and std (`--standardize`,
 on by default; the val split uses the train statistics) and (2) the lr is chosen by a small SWEEP on a held-out

@@ -1,4 +1,4 @@
-"""Seeded same-budget study: `python -m fastcl.study` (issue 12; docs/RESULTS.md "Seeded same-budget study").
+"""Seeded same-budget study: `python -m fastcl.study` (docs/RESULTS.md "Seeded same-budget study").
 
     python -m fastcl.study --config configs/exp/compare_cpu.yaml --methods mocov2 ifnd sepp oracle \
         --seeds 0 1 2 --epochs 6 [--protocol warm --warm-epochs 4] [--sweep fn-precision sepp-threshold] \
