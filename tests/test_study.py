@@ -128,17 +128,51 @@ def test_ladder_protocol_rungs_continuations_and_resume(tmp_path, capsys):
     (base / "result.json").unlink()
     shutil.rmtree(next(p for p, m in zip(sorted((base / "checkpoints").iterdir()), metas) if m["epoch"] == 2))
     capsys.readouterr()
-    assert main(args + ["--methods", "mocov2", "sce"]) == 0
+    full = args + ["--methods", "mocov2", "sce", "--sweep", "fn-precision", "--precisions", "1", "0.5"]
+    assert main(full) == 0
     log = capsys.readouterr().out
-    assert "ladder base resumed" in log and log.count("training") == 8  # 2 rungs x 2 methods x 2 seeds
+    # 2 rungs x 4 methods (the sweep brings IFND and the oracle) x 2 seeds, then the p = 0.5 point at one rung
+    assert "ladder base resumed" in log and log.count("training") == 18
     for r in (1, 2):
         summary = json.loads((root / f"e{r}" / "summary.json").read_text())["methods"]
-        assert set(summary) == {"mocov2", "sce"} and summary["sce"]["seeds"] == [0, 1]
+        assert {"mocov2", "sce", "ifnd", "oracle"} <= set(summary) and summary["sce"]["seeds"] == [0, 1]
         steps = [json.loads(ln)["step"] for ln in (root / f"e{r}" / "sce" / "seed0" / "metrics.jsonl").read_text()
                  .splitlines() if '"loss"' in ln]
         assert steps == [1, 2, 3, 4]  # its own E1 = 1 epoch of 4 steps, from step 0
+    mp = json.loads((root / "map.json").read_text())
+    at = mp["break_even"]["rung"]
+    oracle = {row["epoch"]: row["diff"]["oracle"] for row in mp["rows"]}
+    assert at == next((r for r in (1, 2) if oracle[r]["ci_low"] > 0), 2)  # lowest paying rung, else the top one
+    assert "oracle_p0.5" in json.loads((root / f"e{at}" / "summary.json").read_text())["methods"]
+    assert not (root / f"e{3 - at}" / "oracle_p0.5").exists()  # the sweep runs at one rung only
+    assert [row["epoch"] for row in mp["rows"]] == [1, 2] and mp["comparisons"] == 3 * 2  # sce, ifnd, oracle
+    for row in mp["rows"]:  # the map's cell is the paired difference of the rung's runs
+        ref = {s: json.loads((root / f"e{row['epoch']}" / "mocov2" / f"seed{s}" / "study_knn.json").read_text())
+               ["top1"]["200"] for s in (0, 1)}
+        sce = {s: json.loads((root / f"e{row['epoch']}" / "sce" / f"seed{s}" / "study_knn.json").read_text())
+               ["top1"]["200"] for s in (0, 1)}
+        assert row["diff"]["sce"]["mean"] == pytest.approx(sum(sce[s] - ref[s] for s in (0, 1)) / 2)
+        assert 0 <= row["diagnostics"]["queue_same_class"] <= 1  # MoCo-v2's logged fn_share
+        b = row["diff"]["sce"]["bonferroni"]  # wider than the 95 % interval (level 1 - 0.05/6)
+        assert b["ci_low"] <= row["diff"]["sce"]["ci_low"] and b["ci_high"] >= row["diff"]["sce"]["ci_high"]
+    assert set(mp["readings"]) == {"sce", "ifnd", "oracle"} and (root / "map.png").is_file()
+    assert "Break-even" in (root / "map.md").read_text()
     losses = [[json.loads(ln)["loss"] for ln in (root / "e2" / "mocov2" / f"seed{s}" / "metrics.jsonl").read_text()
                .splitlines() if '"loss"' in ln] for s in (0, 1)]
     assert losses[0] != losses[1]  # the seeds draw their own augmentations and order after the rung
-    assert main(args + ["--methods", "mocov2", "sce"]) == 0  # everything finished: skipped
+    assert main(full) == 0  # everything finished: skipped
     assert "done, skipped" in capsys.readouterr().out
+
+
+def test_break_even_reading_of_the_precision_sweep():
+    from fastcl.study.payoff import break_even, sweep_rung
+
+    def pt(p, mean, low):
+        return {"precision": p, "diff": {"mean": mean, "ci_low": low}}
+    # gains 2.0 at p = 1, 1.0 at 0.75, -1.0 at 0.5: the mean crosses 0 halfway between 0.5 and 0.75
+    r = break_even([pt(0.5, -1.0, -2.0), pt(1, 2.0, 0.5), pt(0.75, 1.0, -0.1)])
+    assert r["interpolated"] == pytest.approx(0.625) and r["lowest_paying"] == 1
+    assert break_even([pt(1, -0.2, -1.0), pt(0.5, 0.3, -0.5)]) == {"interpolated": None, "lowest_paying": None}
+    assert break_even([pt(1, 1.0, 0.2), pt(0.5, 0.4, 0.1)])["lowest_paying"] == 0.5  # still paying at the lowest p
+    assert sweep_rung([2, 5, 10], {2: {"ci_low": -0.3}, 5: {"ci_low": 0.1}, 10: {"ci_low": 0.4}}) == 5
+    assert sweep_rung([2, 5, 10], {2: {"ci_low": -0.3}, 5: {"ci_low": float("nan")}}) == 10  # none pays: the top

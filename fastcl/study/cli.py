@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -211,7 +212,7 @@ def _train_all(a, specs: list[RunSpec], bank: str, test: str):
 
 def _ladder(a, cfg, bank: str, test: str, root: str) -> int:
     """The ladder protocol (fastcl/study/ladder.py): the long base, its rungs measured, then the continuations."""
-    from fastcl.study import ladder, report
+    from fastcl.study import ladder, payoff
 
     ladder.check(a, cfg)
     base = ladder.base_spec(a, root)
@@ -227,13 +228,48 @@ def _ladder(a, cfg, bank: str, test: str, root: str) -> int:
     ladder.measure_rungs(a, base.run_dir, bank, test, os.path.join(root, "rungs.json"))
     if a.base_only:
         return 0
-    specs = ladder.continuation_specs(a, root, variants(a), base.run_dir)
-    print(f"study: {len(specs)} continuations (rungs {sorted(a.rungs)}, seeds {a.seeds}, {a.epochs} epochs each)",
-          flush=True)
-    results, _ = _train_all(a, specs, bank, test)
-    if results is None:
-        return 3
+    rungs = json.load(open(os.path.join(root, "rungs.json")))["rungs"]
+    every = variants(a)
+    main_v = {k: v for k, v in every.items() if v["info"].get("precision", 1) == 1}  # the sweep runs at one rung
+    sweep_v = {k: v for k, v in every.items() if k not in main_v}
+    lines = [k for k in main_v if k != REFERENCE]
+    n = len(a.rungs) * len(a.seeds) * len(main_v) + len(a.seeds) * len(sweep_v)
+    print(f"study: {n} continuations (rungs {sorted(a.rungs)}, seeds {a.seeds}, {a.epochs} epochs each"
+          f"{', the precision sweep at one rung' if sweep_v else ''})", flush=True)
+    results, pp = [], {}
     for r in sorted(a.rungs):
-        summary = report.write(a, [x for x in results if x["rung"] == r], {}, os.path.join(root, f"e{r}"))
-        print(f"study: wrote {summary}", flush=True)
+        res, _ = _train_all(a, ladder.continuation_specs(a, root, main_v, base.run_dir, [r]), bank, test)
+        if res is None:
+            return 3
+        results += res
+        pp[r] = ladder.partner_precision(root, base.run_dir, r, cfg.method.sepp.threshold) if "sepp" in main_v else None
+        _ladder_reports(a, root, r, res, rungs, results, pp, lines, None)
+    if sweep_v:
+        mp = payoff.build(rungs, results, pp, None, lines)
+        at = payoff.sweep_rung(a.rungs, {row["epoch"]: row["diff"].get("oracle", {}) for row in mp["rows"]})
+        print(f"study: the false-negative precision sweep runs at rung e{at}", flush=True)
+        res, _ = _train_all(a, ladder.continuation_specs(a, root, sweep_v, base.run_dir, [at]), bank, test)
+        if res is None:
+            return 3
+        results += res
+        points = [{"precision": v["info"]["precision"], "variant": k} for k, v in every.items()
+                  if "precision" in v["info"]]
+        _ladder_reports(a, root, at, [x for x in results if x["rung"] == at], rungs, results, pp, lines,
+                        {"rung": at, "points": points})
     return 0
+
+
+def _ladder_reports(a, root, rung, res, rungs, results, pp, lines, sweep) -> None:
+    """One rung's summary (the precision sweep's plots only at the sweep rung) and the payoff map so far."""
+    import copy
+
+    from fastcl.study import payoff, report
+
+    ra = copy.copy(a)
+    if sweep is None:
+        ra.sweep = [s for s in a.sweep if s != "fn-precision"]
+    ra.sweep = [s for s in ra.sweep if s != "sepp-threshold"]  # the threshold curve belongs to the warm/scratch study
+    summary = report.write(ra, res, {}, os.path.join(root, f"e{rung}"))
+    print(f"study: wrote {summary}", flush=True)
+    path = payoff.write(payoff.build(rungs, results, pp, sweep, lines), a.epochs, root)
+    print(f"study: wrote {path}", flush=True)

@@ -11,6 +11,11 @@ probe top-1), and per rung `e<R>/<variant>/seed<s>/`: a fresh run of E1 epochs s
 EMA teacher, optimizer state and queue (trainer.init_from=<rung checkpoint>, trainer.init_position=reset: its own
 schedule over E1 epochs, step 0 and its own seeded RNG, so seeds differ in augmentation and data order). Every run
 resumes when interrupted and is skipped when finished, as in the other protocols.
+
+The continuations run rung by rung, lowest first; after each rung its summary (e<R>/summary.*) and the payoff map
+so far (map.json / map.md / map.png, fastcl/study/payoff.py) are written, so an interrupted map still reports
+every finished rung. With `--sweep fn-precision` the degraded-oracle points run last and at one rung only: the
+lowest whose oracle interval lies above 0, else the top rung (the break-even reading).
 """
 from __future__ import annotations
 
@@ -42,15 +47,16 @@ def rung_checkpoint(base_dir: str, epoch: int) -> str:
     raise StudyError(f"no checkpoint of {base_dir} at the end of epoch {epoch} (trainer.keep_epochs lacks it?)")
 
 
-def continuation_specs(a, root: str, variants: dict, base_dir: str) -> list[RunSpec]:
-    """Per rung, seed and variant: E1 epochs from the rung checkpoint (paths resolved when the base finished)."""
+def continuation_specs(a, root: str, variants: dict, base_dir: str, rungs: list[int]) -> list[RunSpec]:
+    """Per rung (of `rungs`), seed and variant: E1 epochs from the rung checkpoint. SePP's partners are mined once
+    per rung (<root>/e<R>/_tables/partners.npz: the rung's teacher, the same for every seed)."""
     common = [f"trainer.epochs={a.epochs}", "trainer.knn_every=0", "trainer.progress=false",
               "trainer.init_position=reset"]
     specs = []
-    for r in sorted(a.rungs):
+    for r in sorted(rungs):
         ck = rung_checkpoint(base_dir, r)
+        table = partner_table(root, r)
         for s in a.seeds:
-            table = os.path.join(root, f"e{r}", "_tables", f"seed{s}.npz")
             for name, v in variants.items():
                 run_dir = os.path.join(root, f"e{r}", name, f"seed{s}")
                 over = [o.format(table=table, warmup=0) for o in v["overrides"]]
@@ -63,6 +69,23 @@ def continuation_specs(a, root: str, variants: dict, base_dir: str) -> list[RunS
                                      {"source": ck, "path": table} if v["method"] == "sepp" else {},
                                      {**v["info"], "rung": r}))
     return specs
+
+
+def partner_table(root: str, rung: int) -> str:
+    """SePP's partner table of a rung (mined from the rung checkpoint's teacher)."""
+    return os.path.join(root, f"e{rung}", "_tables", "partners.npz")
+
+
+def partner_precision(root: str, base_dir: str, rung: int, threshold: float) -> float | None:
+    """SePP's partner precision at a rung: the share of same-class pairs among the rung table's partners with
+    cosine >= `threshold` (true labels, read for the report only); None before the table is mined."""
+    from fastcl.study.runs import mine_partners, partner_precision_curve
+
+    path = partner_table(root, rung)
+    if not os.path.isfile(path):
+        return None
+    table = mine_partners(rung_checkpoint(base_dir, rung), path)  # mined already: loads it with the labels
+    return partner_precision_curve(table, [threshold])[0]["partner_precision"]
 
 
 def linear_probe(ckpt: str, bank: str, test: str, workers: int) -> float | None:

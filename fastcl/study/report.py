@@ -5,7 +5,7 @@ import json
 import math
 import os
 
-from fastcl.study.runs import measured_fn_precision, partner_precision_curve
+from fastcl.study.runs import last_epoch_mean, partner_precision_curve
 from fastcl.study.stats import mean_std, paired_difference
 
 KS = ("200", "20")
@@ -158,7 +158,7 @@ def write(a, results: list[dict], tables: dict, out: str) -> str:
             pts.append({"precision": p, "variant": v, "mean": e["knn200"]["mean"], "std": e["knn200"]["std"],
                         "diff200": e["diff200"]})
         runs = [r for r in results if r["variant"] == "ifnd"]
-        prec = [measured_fn_precision(r["run_dir"]) for r in runs]
+        prec = [last_epoch_mean(r["run_dir"], "fn_masked_precision") for r in runs]
         prec = [x for x in prec if not math.isnan(x)]
         fn = {"degrade": a.degrade, "points": pts,
               "mocov2": methods.get("mocov2", {}).get("knn200", {}).get("mean"),

@@ -165,16 +165,16 @@ def partner_precision_curve(table: dict, thresholds) -> list[dict]:
     return out
 
 
-def measured_fn_precision(run_dir: str) -> float:
-    """Mean `fn_masked_precision` (the method's detections against true labels, logged at log steps) over the
-    run's last epoch that logged it; nan when it never detected anything."""
+def last_epoch_mean(run_dir: str, key: str) -> float:
+    """Mean of metric `key` (logged at log steps, metrics.jsonl) over the last epoch that logged it; nan when the
+    run never logged it (fn_masked_precision of a run that detected nothing, for one)."""
     path = os.path.join(run_dir, "metrics.jsonl")
     recs = [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
-    recs = [r for r in recs if "fn_masked_precision" in r]
+    recs = [r for r in recs if key in r]
     if not recs:
         return float("nan")
     last = max(r["epoch"] for r in recs)
-    vals = [r["fn_masked_precision"] for r in recs if r["epoch"] == last]
+    vals = [r[key] for r in recs if r["epoch"] == last]
     return sum(vals) / len(vals)
 
 

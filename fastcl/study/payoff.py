@@ -1,0 +1,210 @@
+"""The payoff map of the ladder protocol: per rung (a MoCo-v2 base of known kNN) and method, the paired
+difference to MoCo-v2 after the same E1 epochs, beside the rung's label-assignment diagnostics; the break-even
+false-negative precision at one rung. Writes <ladder>/map.json, map.md and map.png.
+
+Multiple comparisons: a map of M methods over R rungs makes M·R comparisons with MoCo-v2, so some 95 % intervals
+exclude 0 by chance (about one in twenty when no method changes anything). Every cell therefore also carries the
+Bonferroni interval (level 1 − 0.05 / (M·R)); the reading names a rung only when its interval excludes 0 and says
+whether the Bonferroni interval does too.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from fastcl.study.runs import last_epoch_mean
+from fastcl.study.stats import paired_difference
+
+REFERENCE = "mocov2"
+
+
+def _mean(xs) -> float:
+    xs = [x for x in xs if not (x is None or math.isnan(x))]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def rung_diagnostics(results: list[dict], partner_precision: float | None) -> dict:
+    """Label-assignment quality at one rung (true labels, read for the report only), means over seeds:
+    IFND's detection precision / recall (fn_masked_*), the share of same-class candidates among MoCo-v2's
+    negatives (fn_share: the queue plus the batch's keys) and SePP's partner precision (its mined table at the
+    threshold it trains with, passed in)."""
+    def runs(v):
+        return [r["run_dir"] for r in results if r["variant"] == v]
+    return {"ifnd_precision": _mean(last_epoch_mean(d, "fn_masked_precision") for d in runs("ifnd")),
+            "ifnd_recall": _mean(last_epoch_mean(d, "fn_masked_recall") for d in runs("ifnd")),
+            "queue_same_class": _mean(last_epoch_mean(d, "fn_share") for d in runs(REFERENCE)),
+            "sepp_partner_precision": float("nan") if partner_precision is None else partner_precision}
+
+
+def differences(results: list[dict], k: str, level: float) -> dict[str, dict]:
+    """variant -> paired difference to MoCo-v2 of kNN top-1 at k (one rung's results) at `level`."""
+    by = {}
+    for r in results:
+        by.setdefault(r["variant"], {})[r["seed"]] = r["knn"][k]
+    ref = by.get(REFERENCE, {})
+    return {v: paired_difference(vals, ref, level) for v, vals in by.items() if v != REFERENCE}
+
+
+def break_even(points: list[dict]) -> dict:
+    """points: [{"precision", "diff"}] of the degraded-oracle sweep at one rung -> the break-even reading.
+
+    `interpolated`: the precision where the mean paired difference crosses 0 going down from p = 1 (linear
+    between neighbouring sweep points), None when the oracle itself (p = 1) does not gain or the curve never
+    crosses; `lowest_paying`: the lowest p whose 95 % interval lies above 0 with every higher p's, None if p = 1's
+    does not."""
+    pts = sorted(points, key=lambda p: -p["precision"])
+    out = {"interpolated": None, "lowest_paying": None}
+    if not pts or pts[0]["precision"] != 1 or not pts[0]["diff"]["mean"] > 0:
+        return out
+    for hi, lo in zip(pts, pts[1:]):
+        a, b = hi["diff"]["mean"], lo["diff"]["mean"]
+        if b <= 0 < a:
+            out["interpolated"] = lo["precision"] + (hi["precision"] - lo["precision"]) * (-b) / (a - b)
+            break
+    for p in pts:
+        if not p["diff"]["ci_low"] > 0:
+            break
+        out["lowest_paying"] = p["precision"]
+    return out
+
+
+def sweep_rung(rungs: list[int], oracle_diff: dict[int, dict]) -> int:
+    """The rung of the break-even sweep: the lowest whose oracle interval lies above 0, else the top rung."""
+    paying = [r for r in sorted(rungs) if oracle_diff.get(r, {}).get("ci_low", float("nan")) > 0]
+    return paying[0] if paying else max(rungs)
+
+
+def build(rungs: list[dict], results: list[dict], partner_precision: dict[int, float | None],
+          sweep: dict | None, methods: list[str]) -> dict:
+    """The map: rungs ([{epoch, knn, linear_top1}] from rungs.json), results (every continuation's
+    {variant, method, seed, rung, knn, run_dir}), SePP partner precision per rung, the sweep ({"rung", "points"}
+    of {precision, variant}) or None; `methods`: the map's lines (variants other than MoCo-v2)."""
+    done = [r for r in rungs if any(x["rung"] == r["epoch"] for x in results)]
+    m = max(1, len(methods) * len(done))
+    level_b = 1 - 0.05 / m
+    rows = []
+    for rung in done:
+        res = [x for x in results if x["rung"] == rung["epoch"]]
+        d95, db = differences(res, "200", 0.95), differences(res, "200", level_b)
+        ref = [x["knn"]["200"] for x in res if x["variant"] == REFERENCE]
+        rows.append({"epoch": rung["epoch"], "rung_knn": rung["knn"]["200"], "rung_linear": rung.get("linear_top1"),
+                     "mocov2_knn": _mean(ref), "seeds": sorted({x["seed"] for x in res}),
+                     "diff": {v: {**d95[v], "bonferroni": {"ci_low": db[v]["ci_low"], "ci_high": db[v]["ci_high"]}}
+                              for v in methods if v in d95},
+                     "diagnostics": rung_diagnostics(res, partner_precision.get(rung["epoch"]))})
+    readings = {}
+    for v in methods:
+        first = next((row for row in rows if v in row["diff"] and row["diff"][v]["in_noise"] is False), None)
+        if first is None:
+            readings[v] = {"rung": None, "text": f"no rung's 95 % interval excludes 0 ({len(rows)} rungs)"}
+            continue
+        d = first["diff"][v]
+        b = d["bonferroni"]
+        survives = b["ci_low"] > 0 or b["ci_high"] < 0
+        readings[v] = {"rung": first["epoch"], "sign": "gain" if d["mean"] > 0 else "loss", "survives": survives,
+                       "text": f"{'gains' if d['mean'] > 0 else 'loses'} {d['mean']:+.2f} [{d['ci_low']:+.2f}, "
+                               f"{d['ci_high']:+.2f}] from rung e{first['epoch']} (kNN {first['rung_knn']:.1f}); "
+                               + ("survives" if survives else "does not survive")
+                               + f" the Bonferroni correction over {m} comparisons"}
+    out = {"comparisons": m, "bonferroni_level": level_b, "methods": methods, "rows": rows, "readings": readings,
+           "break_even": None}
+    if sweep:
+        res = [x for x in results if x["rung"] == sweep["rung"]]
+        d95 = differences(res, "200", 0.95)
+        pts = [{"precision": p["precision"], "variant": p["variant"], "diff": d95[p["variant"]]}
+               for p in sweep["points"] if p["variant"] in d95]
+        row = next((r for r in rows if r["epoch"] == sweep["rung"]), None)
+        out["break_even"] = {"rung": sweep["rung"], "points": pts, **break_even(pts),
+                             "ifnd_precision": row["diagnostics"]["ifnd_precision"] if row else float("nan"),
+                             "ifnd_diff": d95.get("ifnd")}
+    return out
+
+
+def _ci(d: dict | None, bonf: bool = True) -> str:
+    if d is None:
+        return "—"
+    if math.isnan(d["ci_low"]):
+        return f"{d['mean']:+.2f}"
+    b = d.get("bonferroni")
+    star = "**" if bonf and b and (b["ci_low"] > 0 or b["ci_high"] < 0) else ("*" if not d["in_noise"] else "")
+    return f"{d['mean']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]{star}"
+
+
+def _f(x, fmt=".2f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def markdown(mp: dict, epochs: int) -> str:
+    meths = mp["methods"]
+    lines = [f"# Payoff map: every method {epochs} epoch(s) from every rung, paired to MoCo-v2", "",
+             "Δ = kNN top-1 (k = 200, full test split) minus MoCo-v2's after the same continuation, same seed; mean "
+             "[95 % Student-t interval]. `*`: the 95 % interval excludes 0; `**`: the Bonferroni interval over "
+             f"{mp['comparisons']} comparisons (level {mp['bonferroni_level']:.4f}) excludes 0 too.", "",
+             "| rung | rung kNN | rung linear | MoCo-v2 after | " + " | ".join(f"Δ {v}" for v in meths)
+             + " | IFND precision / recall | SePP partner precision | same-class negatives |",
+             "|---" * (4 + len(meths) + 3) + "|"]
+    for r in mp["rows"]:
+        g = r["diagnostics"]
+        lines.append(f"| e{r['epoch']} | {_f(r['rung_knn'])} | {_f(r['rung_linear'])} | {_f(r['mocov2_knn'])} | "
+                     + " | ".join(_ci(r["diff"].get(v)) for v in meths)
+                     + f" | {_f(g['ifnd_precision'], '.3f')} / {_f(g['ifnd_recall'], '.3f')} | "
+                       f"{_f(g['sepp_partner_precision'], '.3f')} | {_f(g['queue_same_class'], '.3f')} |")
+    lines += ["", "Reading per method (lowest rung whose 95 % interval excludes 0):", ""]
+    lines += [f"- **{v}**: {mp['readings'][v]['text']}" for v in meths]
+    be = mp.get("break_even")
+    if be:
+        lines += ["", f"## Break-even false-negative precision at rung e{be['rung']}", "",
+                  "| detection precision p | Δ vs MoCo-v2 [95 % CI] |", "|---|---|"]
+        lines += [f"| {p['precision']:g} | {_ci(p['diff'], False)} |" for p in be["points"]]
+        lines += ["", f"IFND's measured precision at this rung: {_f(be['ifnd_precision'], '.3f')}, its Δ "
+                      f"{_ci(be['ifnd_diff'], False)}."]
+        if be["interpolated"] is None:
+            lines.append("No break-even precision: the oracle (p = 1) does not gain here, or the curve never "
+                         "crosses 0." if not be["points"] or not be["points"][0]["diff"]["mean"] > 0 else
+                         "The mean gain stays above 0 down to the lowest precision swept.")
+        else:
+            lines.append(f"Break-even precision (mean Δ crosses 0, linear between sweep points): "
+                         f"{be['interpolated']:.2f}; lowest p whose interval (and every higher p's) lies above 0: "
+                         f"{_f(be['lowest_paying'], 'g')}.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(mp: dict, path: str) -> str:
+    """Gain (paired Δ with its 95 % interval) against the rung's kNN, one line per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    n = len(mp["methods"])
+    for i, v in enumerate(mp["methods"]):
+        rows = [r for r in mp["rows"] if v in r["diff"]]
+        x = [r["rung_knn"] + 0.15 * (i - (n - 1) / 2) for r in rows]  # dodge overlapping bars
+        y = [r["diff"][v]["mean"] for r in rows]
+        err = [[0 if math.isnan(r["diff"][v]["ci_low"]) else r["diff"][v]["mean"] - r["diff"][v]["ci_low"]
+                for r in rows],
+               [0 if math.isnan(r["diff"][v]["ci_high"]) else r["diff"][v]["ci_high"] - r["diff"][v]["mean"]
+                for r in rows]]
+        ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, label=v)
+    ax.axhline(0, color="gray", lw=1)
+    ax.set_xlabel("rung: MoCo-v2 base kNN top-1 (%)")
+    ax.set_ylabel("Δ kNN vs MoCo-v2 (points, 95 % CI)")
+    ax.set_title("where label-assignment fixes pay")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write(mp: dict, epochs: int, root: str) -> str:
+    """map.json, map.md and map.png under `root`; returns the map.json path."""
+    path = os.path.join(root, "map.json")
+    with open(path, "w") as f:
+        json.dump({"epochs": epochs, **mp}, f, indent=1)
+    with open(os.path.join(root, "map.md"), "w") as f:
+        f.write(markdown(mp, epochs))
+    if mp["rows"]:
+        plot(mp, os.path.join(root, "map.png"))
+    return path
