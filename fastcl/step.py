@@ -27,7 +27,7 @@ from fastcl import dist
 from fastcl.methods.base import ContrastiveMethod, Pair, Sims
 from fastcl.models import ema_update
 from fastcl.objectives import soft_cross_entropy
-from fastcl.pipelines.augment import host_to_device
+from fastcl.device import host_to_device
 from fastcl.pipelines.batch import Batch
 from fastcl.timing import StageTimer
 

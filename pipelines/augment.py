@@ -58,21 +58,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastcl.device import host_to_device
 from fastcl.pipelines.augspec import ViewSpec
 
-_M64 = (1 << 64) - 1
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as PIL and torchvision use
-
-
-def seed_for(*parts: int) -> int:
-    """A well-mixed 64-bit seed from integers (seed, epoch, id, view, ...): splitmix64 over the parts, so
-    nearby tuples give unrelated streams."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) & _M64)) * 0xBF58476D1CE4E5B9 & _M64
-        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _M64
-        h ^= h >> 29
-    return h
 
 
 def as_view_spec(v) -> ViewSpec:
@@ -85,14 +74,6 @@ def as_view_spec(v) -> ViewSpec:
         val = getattr(v, f.name)
         kw[f.name] = tuple(float(x) for x in val) if f.name in ("scale", "ratio", "blur_sigma") else val
     return ViewSpec(**kw)
-
-
-def host_to_device(t: Tensor, device: torch.device) -> Tensor:
-    """Host tensor -> device without a sync (pinned + non_blocking for CUDA; the caching host allocator keeps the
-    pinned copy alive until the transfer is done). A tensor already on a device is moved with .to()."""
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 # ---------------------------------------------------------------- random resized crop + flip

@@ -63,7 +63,8 @@ import torch
 from PIL import Image
 
 from fastcl.pipelines import augment
-from fastcl.pipelines.augment import _draw, as_view_spec, blur_kernel_size, rrc_params, seed_for
+from fastcl.pipelines.augment import _draw, as_view_spec, blur_kernel_size, rrc_params
+from fastcl.rand import seed_for
 from fastcl.pipelines.augspec import ViewSpec
 from fastcl.pipelines.batch import Batch, register
 from fastcl.pipelines.folder import cfg_classes, scan_folder, split_path

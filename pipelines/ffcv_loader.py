@@ -34,7 +34,9 @@ import numpy as np
 import torch
 
 from fastcl.kernels import numba_quiet
-from fastcl.pipelines.augment import device_stage, host_to_device, seed_for
+from fastcl.pipelines.augment import device_stage
+from fastcl.device import host_to_device
+from fastcl.rand import seed_for
 from fastcl.pipelines.batch import Batch, register
 from fastcl.pipelines.folder import split_path
 from fastcl.pipelines.ffcv_multicrop import Control, layout, multi_view_decoder, read_meta, split_views

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from fastcl.pipelines.augment import crop_resize, device_stage, flip, host_to_device, rrc_params
+from fastcl.pipelines.augment import crop_resize, device_stage, flip, rrc_params
+from fastcl.device import host_to_device
 from fastcl.pipelines.batch import Batch, register
 from fastcl.pipelines.folder import cfg_classes, decode_uint8, image_size, resize_center_crop, scan_folder, split_path
 from fastcl.pipelines.torch_loader import ShardedLoader

@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastcl.pipelines.augment import seed_for
-from fastcl.pipelines.synthetic import hash01
+from fastcl.rand import hash01, seed_for
 
 _SALT = 0x5E99
 

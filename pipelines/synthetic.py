@@ -11,22 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastcl.pipelines.augment import host_to_device, normalize, seed_for
+from fastcl.pipelines.augment import normalize
+from fastcl.device import host_to_device
+from fastcl.rand import hash01, seed_for
 from fastcl.pipelines.batch import Batch, register
 from fastcl.pipelines.torch_loader import DEVICE_STREAM, ShardedLoader
-
-_M32 = 0xFFFFFFFF
-
-
-def hash01(ids: Tensor, numel: int, salt: int = 0) -> Tensor:
-    """Deterministic uniform [0,1) noise per (id, position): [B] int64 -> float [B, numel], on ids' device."""
-    pos = torch.arange(numel, device=ids.device, dtype=torch.int64)
-    x = (ids[:, None] * 0x9E3779B1 + pos[None] * 0x45D9F3B + salt) & _M32
-    for mult in (0x7FEB352D, 0x6C8E9CF5):  # two multiply-xorshift rounds (lowbias32-style mixing)
-        x = ((x ^ (x >> 16)) * mult) & _M32  # constants < 2^31 keep the int64 products exact
-    x = x ^ (x >> 15)
-    return x.float() * (1.0 / 2**32)
-
 
 class SyntheticLoader(ShardedLoader):
     """Loader protocol over generated images (see module docstring)."""

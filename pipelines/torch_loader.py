@@ -18,7 +18,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from fastcl.pipelines.augment import as_view_spec, device_stage, rrc_box, seed_for
+from fastcl.pipelines.augment import as_view_spec, device_stage, rrc_box
+from fastcl.rand import seed_for
 from fastcl.pipelines.augspec import ViewSpec
 from fastcl.pipelines.batch import Batch, register, shard_indices
 from fastcl.pipelines.folder import cfg_classes, load_rgb, scan_folder, split_path

@@ -196,7 +196,7 @@ def test_dali_cuts_the_drawn_crop_boxes(data):
     (`augment.rrc_params`, torchvision's semantics) and flips exactly the drawn samples: read back from the
     pixels of the coordinate-map samples (R = 2x, G = 2y) in view 1 (crop + flip only)."""
     pytest.importorskip("nvidia.dali")
-    from fastcl.pipelines.augment import seed_for
+    from fastcl.rand import seed_for
     from fastcl.pipelines.dali_loader import DALI_STREAM, view_params
 
     mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)  # conftest.VIEW_OVERRIDES

@@ -22,9 +22,10 @@ import torch
 
 pytest.importorskip("ffcv")
 
-from fastcl.pipelines.augment import rrc_params, seed_for  # noqa: E402
+from fastcl.pipelines.augment import rrc_params  # noqa: E402
 from fastcl.pipelines.augspec import ViewSpec  # noqa: E402
 from fastcl.pipelines.ffcv_multicrop import FFCV_STREAM, rrc_hashed, view_boxes, view_key  # noqa: E402
+from fastcl.rand import seed_for  # noqa: E402
 
 CROP_FLIP = dict(jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
 CIFAR_VIEWS = [ViewSpec(size=32, **CROP_FLIP), ViewSpec(size=32, **CROP_FLIP),

@@ -157,7 +157,8 @@ class SubsetImages(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         from PIL import Image
 
-        from fastcl.pipelines.augment import rrc_box, seed_for
+        from fastcl.pipelines.augment import rrc_box
+        from fastcl.rand import seed_for
         from fastcl.pipelines.folder import load_rgb, resize_center_crop
 
         g = torch.Generator().manual_seed(seed_for(self.seed, self.epoch, i))

@@ -95,7 +95,7 @@ class Oracle(ContrastiveMethod):
     def assign(self, sims: Sims, sc: dict) -> Target:
         if self.c.precision >= 1:
             return label_target(sims, self.labels, self.c.mode, self.layout.kernel)
-        from fastcl.pipelines.augment import seed_for
+        from fastcl.rand import seed_for
 
         rows, cols = lookup(self.labels, sims.row_ids)[0], lookup(self.labels, sims.col_ids)[0]
         b = sims.pos.shape[0]

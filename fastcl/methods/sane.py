@@ -21,7 +21,8 @@ from torch import Tensor
 from fastcl import kernels
 from fastcl.methods.base import ContrastiveMethod, Pair
 from fastcl.objectives import soft_cross_entropy
-from fastcl.pipelines.augment import host_to_device, seed_for
+from fastcl.device import host_to_device
+from fastcl.rand import seed_for
 from fastcl.schedules import cosine_ramp
 
 _SALT = 0x5A4E

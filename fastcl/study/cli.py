@@ -237,7 +237,7 @@ def _ladder(a, cfg, bank: str, test: str, root: str) -> int:
     print(f"study: {n} continuations (rungs {sorted(a.rungs)}, seeds {a.seeds}, {a.epochs} epochs each"
           f"{', the precision sweep at one rung' if sweep_v else ''})", flush=True)
     results, pp = [], {}
-    for r in sorted(a.rungs):
+    for r in sorted(a.rungs, reverse=True):  # top rung first: an interrupted map has its most telling rung
         res, _ = _train_all(a, ladder.continuation_specs(a, root, main_v, base.run_dir, [r]), bank, test)
         if res is None:
             return 3

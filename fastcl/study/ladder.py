@@ -12,7 +12,7 @@ EMA teacher, optimizer state and queue (trainer.init_from=<rung checkpoint>, tra
 schedule over E1 epochs, step 0 and its own seeded RNG, so seeds differ in augmentation and data order). Every run
 resumes when interrupted and is skipped when finished, as in the other protocols.
 
-The continuations run rung by rung, lowest first; after each rung its summary (e<R>/summary.*) and the payoff map
+The continuations run rung by rung, the top rung first (the closest to the papers' regime); after each rung its summary (e<R>/summary.*) and the payoff map
 so far (map.json / map.md / map.png, fastcl/study/payoff.py) are written, so an interrupted map still reports
 every finished rung. With `--sweep fn-precision` the degraded-oracle points run last and at one rung only: the
 lowest whose oracle interval lies above 0, else the top rung (the break-even reading).
