@@ -152,8 +152,8 @@ def load_first_good(accelerator, candidates: list[str], expect: dict) -> str | N
             failed.append((path, f"{META}: {_first_line(e)}"))
             continue
         check_compatible(meta, expect, path)
-        if meta.get("files") and expect.get("files") and meta["files"] != expect["files"]:
-            raise ValueError(f"checkpoint {path} holds {meta['files']} but this run registers {expect['files']}")
+        if expect.get("files"):
+            check_files(meta, expect["files"], path)
         try:
             _check_safe_pickles(path)
             accelerator.load_state(path)
@@ -205,13 +205,35 @@ def register(accelerator, objects: dict) -> dict[str, str]:
     return files
 
 
-def _legacy_files(ck: str) -> dict[str, str]:
-    """Checkpoints written before fastcl_meta.json named its files: objects were registered as (train state,
-    method, teacher if any)."""
-    customs = sorted(n for n in os.listdir(ck) if n.startswith("custom_checkpoint_"))
-    files = {"student": "model.safetensors", "optimizer": "optimizer.bin"}
-    files.update(zip(("train_state", "method", "teacher"), customs))
+def recorded_files(meta: dict, path: str) -> dict[str, str]:
+    """{name: file} as the checkpoint at `path` recorded it in its fastcl_meta.json (`files`, see register()).
+    Objects are found by these names only: a checkpoint that records none (written before the names were
+    recorded) raises CheckpointReadError instead of being matched to files by position."""
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files:
+        raise CheckpointReadError(f"{os.path.join(path, META)} records no object names ('files'), so which file holds "
+                                  f"which object (student, optimizer, train_state, method, teacher) is unknown")
     return files
+
+
+def check_files(meta: dict, files: dict[str, str], path: str) -> None:
+    """Refuse to resume from `path` unless its meta records every object this run registers (`files`, from
+    register()) under the same file: accelerate's load_state reads the i-th registered object from
+    custom_checkpoint_i.pkl, so a name recorded under another file, or not recorded, would load the wrong state."""
+    recorded = recorded_files(meta, path)
+    missing = [name for name in files if name not in recorded]
+    if missing:
+        raise ValueError(f"checkpoint {path}: {META} records no file for {', '.join(map(repr, missing))} "
+                         f"(recorded: {', '.join(sorted(recorded))}); this run registers {sorted(files)}")
+    if recorded != files:
+        raise ValueError(f"checkpoint {path} holds {recorded} but this run registers {files}")
+
+
+def object_path(ckpt_dir: str, name: str) -> str:
+    """The file holding object `name` (student, optimizer, train_state, method, teacher) in the checkpoint
+    directory `ckpt_dir` (or a run directory's newest checkpoint), found by the name its fastcl_meta.json records;
+    ValueError naming the object when it is not recorded."""
+    return RunCheckpoint(ckpt_dir).file(name)
 
 
 class RunCheckpoint:
@@ -225,7 +247,7 @@ class RunCheckpoint:
             self.meta = read_meta(self.path)
         except (OSError, ValueError) as e:
             raise CheckpointReadError(f"{os.path.join(self.path, META)}: {_first_line(e)}") from None
-        self.files = self.meta.get("files") or _legacy_files(self.path)
+        self.files = recorded_files(self.meta, self.path)
         self._cfg = None
 
     @property
@@ -245,9 +267,11 @@ class RunCheckpoint:
         return name in self.files
 
     def file(self, name: str) -> str:
+        """Path of object `name`'s file, by the name recorded in fastcl_meta.json (ValueError naming it if absent)."""
         if name not in self.files:
             what = "EMA teacher" if name == "teacher" else name
-            raise ValueError(f"{self.path} has no {what} (method {self.meta.get('method', '?')!r} trains without one)")
+            raise ValueError(f"{self.path} has no {what}: its {META} records no file for {name!r} (recorded: "
+                             f"{', '.join(sorted(self.files))}; method {self.meta.get('method', '?')!r})")
         return os.path.join(self.path, self.files[name])
 
     def encoder(self, which: str = "student"):

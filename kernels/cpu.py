@@ -36,7 +36,7 @@ from fastcl.kernels import numba_quiet
 
 numba_quiet.install()  # before the @njit functions below exist
 
-__all__ = ["sce_target", "slr_target", "ifnd_valid", "ifnd_attraction_target", "exp32_array"]
+__all__ = ["sce_target", "slr_target", "ifnd_valid", "ifnd_attraction_target"]
 
 _F = np.float32
 _NEG_INF = _F(-np.inf)
@@ -97,13 +97,6 @@ def _div(a, b, inv_b):
     torch's ``sims / tau`` in up to half the entries by 1 ulp (~5e-6 relative after exp of a logit of ~20)."""
     q = a * inv_b
     return _fma(_fma(-q, b, a), inv_b, q)
-
-
-@njit(parallel=True, **_JIT)
-def exp32_array(x, out):
-    """out = exp(x) elementwise, [N] fp32 -> [N] fp32 (exposed for the accuracy test of ``_exp32``)."""
-    for j in prange(x.shape[0]):
-        out[j] = _exp32(x[j])
 
 
 _SIGN_SHIFT = np.int32(31)

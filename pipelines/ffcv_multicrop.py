@@ -55,10 +55,6 @@ class Layout:
     meta_offset: int
     total: int
 
-    @property
-    def meta_len(self) -> int:
-        return META_HEAD + META_PER_VIEW * len(self.sizes)
-
 
 def layout(sizes) -> Layout:
     """Layout for views of the given output sides (pixels); meta 4-byte aligned."""

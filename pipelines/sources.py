@@ -11,7 +11,7 @@ Formats:
   `coarse_labels` (0..19 superclasses); `meta` holds `fine_label_names` / `coarse_label_names`. The coarse labels
   are kept (`ArraySource.coarse_labels`, `coarse_classes`) for diagnostics; an export writes them to
   `<out>/coarse_labels.json` (superclass names + fine class name -> superclass name; every fine class has exactly
-  one), read back by `load_coarse_labels` as a superclass id per class.
+  one).
 - STL-10 binary (`stl10_binary/`: `train_X.bin` + `train_y.bin` (5,000), `test_X.bin` + `test_y.bin` (8,000),
   `unlabeled_X.bin` (100,000), `class_names.txt`): each image 3*96*96 uint8 stored channel by channel in
   COLUMN-major order (the reference reader: reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1) -> HWC); labels are
@@ -304,19 +304,6 @@ def export_folder(src: str, split: str, out: str, workers: int = 0, max_samples:
     with open(os.path.join(out, "export.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
-
-
-def load_coarse_labels(folder: str, classes: list[str]) -> list[int] | None:
-    """Superclass id (CIFAR-100's coarse label, 0..19) of each class of `folder`'s scan (`classes`), from the
-    `coarse_labels.json` an export wrote; -1 for a class that had no image in the exported split. None when the
-    folder has no such file (not CIFAR-100). Diagnostics only: training never reads it."""
-    path = os.path.join(folder, "coarse_labels.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        d = json.load(f)
-    pos = {c: i for i, c in enumerate(d["coarse_classes"])}
-    return [pos[d["fine_to_coarse"][c]] if c in d["fine_to_coarse"] else -1 for c in classes]
 
 
 def main(argv: list[str] | None = None) -> int:

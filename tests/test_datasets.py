@@ -233,11 +233,20 @@ def test_stl10_convert_and_folders_share_one_id_space(stl):
 
 # ------------------------------------------------------------------------------------------ CIFAR-100
 
+def _coarse_of_classes(folder: str, classes: list[str]) -> list[int]:
+    """Superclass id (CIFAR-100's coarse label, 0..19) of each class of `folder`'s scan (`classes`), read from the
+    `coarse_labels.json` an export wrote; -1 for a class that had no image in the exported split."""
+    with open(os.path.join(folder, "coarse_labels.json")) as f:
+        d = json.load(f)
+    pos = {c: i for i, c in enumerate(d["coarse_classes"])}
+    return [pos[d["fine_to_coarse"][c]] if c in d["fine_to_coarse"] else -1 for c in classes]
+
+
 def test_cifar100_python_fine_labels_and_coarse_for_diagnostics(cifar_folder, tmp_path):
     pytest.importorskip("ffcv")
     from fastcl.pipelines.convert import convert
     from fastcl.pipelines.ffcv_loader import read_beton_fields
-    from fastcl.pipelines.sources import export_folder, load_coarse_labels, read_cifar100
+    from fastcl.pipelines.sources import export_folder, read_cifar100
 
     paths = scan_folder(os.path.join(cifar_folder, "train")).paths[::50][:10]  # 10 real 32x32 photos
     imgs = np.stack([np.asarray(load_rgb(p)) for p in paths])
@@ -270,7 +279,7 @@ def test_cifar100_python_fine_labels_and_coarse_for_diagnostics(cifar_folder, tm
     idx = scan_folder(str(out))
     assert idx.classes == fine_names  # all 100 class folders (f00..f99 sort like the fine label ids)
     assert idx.labels == sorted(fine[:7])
-    coarse = load_coarse_labels(str(out), idx.classes)  # superclass id per fine class, for diagnostics
+    coarse = _coarse_of_classes(str(out), idx.classes)  # superclass id per fine class, from the export
     assert [coarse[f] for f in fine[:7]] == [coarse_of[f] for f in fine[:7]]
     assert coarse[5] == -1  # f05 has no image in this split: unknown
     assert json.loads((out / "export.json").read_text())["kind"] == "cifar100-python"

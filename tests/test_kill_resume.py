@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from fastcl.checkpoint import object_path
 from fastcl.config import load_config
 from fastcl.methods import METHODS as REGISTRY
 from fastcl.train import train
@@ -55,7 +56,7 @@ def _ckpts(run, prefix="step_"):
 
 
 def _state(run, step):
-    return torch.load(os.path.join(_ckpt_dir(run), f"step_{step:08d}", "custom_checkpoint_1.pkl"), weights_only=True)
+    return torch.load(object_path(os.path.join(_ckpt_dir(run), f"step_{step:08d}"), "method"), weights_only=True)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

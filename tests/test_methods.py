@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from fastcl.checkpoint import object_path
 from fastcl.config import load_config
 from fastcl.methods import METHODS
 from fastcl.train import train
@@ -99,8 +100,8 @@ def test_resume_is_exact_for_every_method(tmp_path, method, sepp_table):
     get = lambda d: {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(d, "metrics.jsonl"))) if "loss" in r}
     a, b = get(full), get(part)
     assert [abs(a[s] - b[s]) < 1e-6 for s in range(6, 13)] == [True] * 7, (a, b)
-    sa = torch.load(os.path.join(full, "checkpoints/step_00000012/custom_checkpoint_1.pkl"), weights_only=True)
-    sb = torch.load(os.path.join(part, "checkpoints/step_00000012/custom_checkpoint_1.pkl"), weights_only=True)
+    sa = torch.load(object_path(os.path.join(full, "checkpoints/step_00000012"), "method"), weights_only=True)
+    sb = torch.load(object_path(os.path.join(part, "checkpoints/step_00000012"), "method"), weights_only=True)
     for k in sa:
         if torch.is_tensor(sa[k]):
             assert torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6), k
@@ -170,7 +171,7 @@ def test_ifnd_hierarchy_wiring():
     from fastcl.methods.base import Pair, Sims
     from fastcl.objectives import mean_soft_cross_entropy, one_hot_target, soft_cross_entropy
     from fastcl.objectives.loss import Target
-    from fastcl.objectives.targets import ifnd_level_valids
+    from fastcl.objectives.targets import ifnd_valid
 
     base = ["method.name=ifnd", "method.ifnd.levels=[2,3]", "method.queue_size=8", "method.kernel=torch"]
     g = torch.Generator().manual_seed(0)
@@ -188,7 +189,7 @@ def test_ifnd_hierarchy_wiring():
         base_loss = soft_cross_entropy(student / m.tau, target.prob, target.valid)
         losses[rule] = m.pair_loss(Pair(0, 2, 1, 0, sims, torch.zeros(10, 4), target, base_loss), [], {}, 0)
     rows, cols = labels[:, :4], labels[:, col_ids.clamp(min=0)].masked_fill(col_ids < 0, -1)
-    want = mean_soft_cross_entropy(student / 0.2, [Target(one_hot_target(pos, 10).prob, v)
-                                                   for v in ifnd_level_valids(pos, rows, cols, valid)])
+    per_level = [ifnd_valid(pos, rows[lv:lv + 1], cols[lv:lv + 1], valid) for lv in range(2)]  # each level alone
+    want = mean_soft_cross_entropy(student / 0.2, [Target(one_hot_target(pos, 10).prob, v) for v in per_level])
     torch.testing.assert_close(losses["per_level"], want)
     assert float(losses["union"]) < float(losses["per_level"])  # union = the coarse level: eliminates more

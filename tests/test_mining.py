@@ -111,14 +111,15 @@ def test_kmeans_faiss_and_torch_agree(init):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_kmeans_deterministic_subsampled_and_edge_k(backend):
     x, _ = planted(n=1500, seed=2)
-    kw = dict(niter=5, nredo=2, seed=7, backend=backend, max_points_per_centroid=40, min_points_per_centroid=1)
+    kw = dict(niter=5, nredo=2, seed=7, backend=backend, max_points_per_centroid=40, min_points_per_centroid=1,
+              init="random")
     a, b = spherical_kmeans(x, 20, **kw), spherical_kmeans(x, 20, **kw)      # trains on 800 of 1500 points
     assert torch.equal(a.assign, b.assign) and torch.equal(a.centroids, b.centroids)
     assert a.assign.shape == (1500,) and int(a.assign.max()) < 20
-    one = spherical_kmeans(x, 1, niter=2, backend=backend, min_points_per_centroid=1)
+    one = spherical_kmeans(x, 1, niter=2, backend=backend, min_points_per_centroid=1, init="random")
     assert torch.all(one.assign == 0) and torch.all(one.sims[:, 1] == -1)
     with pytest.raises(ValueError):
-        spherical_kmeans(x[:5], 10, backend=backend)
+        spherical_kmeans(x[:5], 10, backend=backend, init="random")
 
 
 # ---------------------------------------------------------------------------------------------------- kNN
@@ -331,15 +332,14 @@ def test_cluster_miner_refresh_relabel_and_state(tmp_path):
     assert abs((labels >= 0).float().mean().item() - 0.25) < 0.02
     cm.relabel(1.0)
     assert torch.equal(cm.labels, cm.assign) and cm.rate == 1.0
-    assert torch.equal(cm.lookup(torch.tensor([5, 0, 5])), cm.labels[:, [5, 0, 5]])
     torch.save(cm.state_dict(), tmp_path / "cm.pt")
-    other = ClusterMiner(800, [4, 8])
+    other = ClusterMiner(800, [4, 8], init="kmeans++")
     other.load_state_dict(torch.load(tmp_path / "cm.pt", weights_only=True))
     for name in ("assign", "conf", "labels"):
         assert torch.equal(getattr(other, name), getattr(cm, name))
     assert (other.epoch_mined, other.rate) == (4, 1.0)
     with pytest.raises(ValueError):
-        ClusterMiner(800, [4, 9]).load_state_dict(cm.state_dict())
+        ClusterMiner(800, [4, 9], init="kmeans++").load_state_dict(cm.state_dict())
     with pytest.raises(ValueError):                                           # wrong feature table: loud, state kept
         cm.refresh(x[:10], 0.5)
     assert torch.equal(other.assign, cm.assign)
@@ -359,7 +359,6 @@ def test_neighbour_miner_save_load_state(tmp_path):
     again = NeighbourMiner(500, 6, 0.5)
     again.load_state_dict(torch.load(tmp_path / "nm.pt", weights_only=True))
     assert torch.equal(again.nbr_ids, ids) and again.mined
-    assert torch.equal(again.partners(torch.tensor([3, 1])), ids[[3, 1]])
     with pytest.raises(ValueError):
         NeighbourMiner(500, 5, 0.5).load(str(tmp_path / "spps.npz"))
 

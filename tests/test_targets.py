@@ -11,8 +11,6 @@ import torch.nn.functional as F
 from fastcl.objectives import (
     ifnd_attraction_target,
     ifnd_false_negatives,
-    ifnd_level_attraction_targets,
-    ifnd_level_valids,
     ifnd_valid,
     masked_log_softmax,
     mean_soft_cross_entropy,
@@ -21,7 +19,9 @@ from fastcl.objectives import (
     slr_target,
     soft_cross_entropy,
 )
-from fastcl.objectives import Target, one_hot_target
+from fastcl.methods.base import Sims
+from fastcl.methods.ifnd import level_targets
+from fastcl.objectives import one_hot_target
 
 B, C = 6, 40
 
@@ -263,28 +263,36 @@ def test_ifnd_union_over_levels():
 # ------------------------------------------------------------ IFND hierarchy rules: union vs per_level (PCL-style)
 # 1 anchor row, 6 candidate columns, the positive in column 0. Level "coarse" groups the anchor (label 0) with
 # columns 1, 2, 3; level "fine" (nested in coarse) with column 1 only. Column 5 is unaccepted (-1) everywhere.
+# The per_level rule is the one the method runs (methods.ifnd.level_targets on the torch backend): labels are per
+# sample, the anchor is sample 0 and column j holds sample j (column 0: the anchor's own key, its positive).
 H_POS = torch.tensor([0])
-H_ROW = {"coarse": torch.tensor([[0]]), "fine": torch.tensor([[0]])}
 H_COL = {"coarse": torch.tensor([[0, 0, 0, 0, 1, -1]]), "fine": torch.tensor([[0, 0, 1, 2, 3, -1]])}
 H_LOGITS = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5]])
+H_SIMS = Sims(H_LOGITS, None, H_POS, torch.ones(1, 6, dtype=torch.bool), torch.tensor([0]), torch.arange(6))
+
+
+def _h_labels(*names):
+    """[L, 6] per-sample labels of the named levels."""
+    return torch.cat([H_COL[n] for n in names])
 
 
 def _levels(*names):
-    return torch.cat([H_ROW[n] for n in names]), torch.cat([H_COL[n] for n in names])
+    """(row labels [L, 1], column labels [L, 6]) for the contract functions."""
+    labels = _h_labels(*names)
+    return labels[:, :1], labels
 
 
 def _union_loss(rows, cols):
     return soft_cross_entropy(H_LOGITS, one_hot_target(H_POS, 6).prob, ifnd_valid(H_POS, rows, cols))
 
 
-def _per_level_loss(rows, cols):
-    return mean_soft_cross_entropy(H_LOGITS, [Target(one_hot_target(H_POS, 6).prob, v)
-                                              for v in ifnd_level_valids(H_POS, rows, cols)])
+def _per_level_loss(*names):
+    return mean_soft_cross_entropy(H_LOGITS, level_targets(H_SIMS, _h_labels(*names), "elim", backend="torch"))
 
 
 def test_ifnd_per_level_masks_are_each_levels_elimination():
     rows, cols = _levels("coarse", "fine")
-    coarse, fine = ifnd_level_valids(H_POS, rows, cols)
+    coarse, fine = (t.valid for t in level_targets(H_SIMS, _h_labels("coarse", "fine"), "elim", backend="torch"))
     assert coarse.tolist() == [[True, False, False, False, True, True]]  # positive kept, 1-3 eliminated
     assert fine.tolist() == [[True, False, True, True, True, True]]      # only column 1
     # union = FN at any level = the coarse mask alone when the levels are nested
@@ -294,8 +302,8 @@ def test_ifnd_per_level_masks_are_each_levels_elimination():
 def test_ifnd_per_level_with_identical_levels_equals_union():
     for names in (("coarse", "coarse"), ("fine", "fine", "fine")):
         rows, cols = _levels(*names)
-        torch.testing.assert_close(_per_level_loss(rows, cols), _union_loss(rows, cols))
-        torch.testing.assert_close(_per_level_loss(rows, cols), _union_loss(*_levels(names[0])))
+        torch.testing.assert_close(_per_level_loss(*names), _union_loss(rows, cols))
+        torch.testing.assert_close(_per_level_loss(*names), _union_loss(*_levels(names[0])))
 
 
 def test_ifnd_per_level_with_nested_levels_averages_coarse_and_fine():
@@ -304,15 +312,14 @@ def test_ifnd_per_level_with_nested_levels_averages_coarse_and_fine():
     coarse = lse([0, 4, 5]) - H_LOGITS[0, 0]      # -log p_pos with columns 1, 2, 3 eliminated
     fine = lse([0, 2, 3, 4, 5]) - H_LOGITS[0, 0]  # with column 1 eliminated
     torch.testing.assert_close(_union_loss(rows, cols), coarse)               # union: the coarse level decides
-    torch.testing.assert_close(_per_level_loss(rows, cols), (coarse + fine) / 2)
-    assert float(_union_loss(rows, cols)) < float(_per_level_loss(rows, cols))  # union eliminates more
+    torch.testing.assert_close(_per_level_loss("coarse", "fine"), (coarse + fine) / 2)
+    assert float(_union_loss(rows, cols)) < float(_per_level_loss("coarse", "fine"))  # union eliminates more
     # swapping the level order changes nothing (a mean over levels)
-    torch.testing.assert_close(_per_level_loss(*_levels("fine", "coarse")), (coarse + fine) / 2)
+    torch.testing.assert_close(_per_level_loss("fine", "coarse"), (coarse + fine) / 2)
 
 
 def test_ifnd_per_level_attraction_targets():
-    rows, cols = _levels("coarse", "fine")
-    coarse, fine = ifnd_level_attraction_targets(H_POS, rows, cols)
+    coarse, fine = (t.prob for t in level_targets(H_SIMS, _h_labels("coarse", "fine"), "attr", backend="torch"))
     torch.testing.assert_close(coarse, torch.tensor([[0.25, 0.25, 0.25, 0.25, 0.0, 0.0]]))
     torch.testing.assert_close(fine, torch.tensor([[0.5, 0.5, 0.0, 0.0, 0.0, 0.0]]))
     with pytest.raises(ValueError):

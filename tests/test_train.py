@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from fastcl.checkpoint import object_path
 from fastcl.config import load_config
 from fastcl.train import main, train
 
@@ -61,8 +62,8 @@ def test_resume_continues_the_same_trajectory(tmp_path, method):
     for s in range(4, 9):
         assert abs(a[s] - b[s]) < 1e-6, (s, a[s], b[s])
     # the method state (queue keys + ids) ends identical
-    qa = torch.load(os.path.join(full, "checkpoints/step_00000008/custom_checkpoint_1.pkl"), weights_only=True)
-    qb = torch.load(os.path.join(part, "checkpoints/step_00000008/custom_checkpoint_1.pkl"), weights_only=True)
+    qa = torch.load(object_path(os.path.join(full, "checkpoints/step_00000008"), "method"), weights_only=True)
+    qb = torch.load(object_path(os.path.join(part, "checkpoints/step_00000008"), "method"), weights_only=True)
     assert qa.keys() == qb.keys() and all(torch.allclose(qa[k].float(), qb[k].float(), atol=1e-6) for k in qa
                                           if torch.is_tensor(qa[k]))
 
@@ -263,7 +264,7 @@ def test_tampered_checkpoint_state_is_never_unpickled(tmp_path):
     run = str(tmp_path / "run")
     train(load_config(TINY, [f"trainer.run_dir={run}", "trainer.ckpt_every=2", "trainer.max_steps=6"]))
     marker = tmp_path / "code_ran"
-    with open(os.path.join(run, "checkpoints/step_00000006/custom_checkpoint_1.pkl"), "wb") as f:
+    with open(object_path(os.path.join(run, "checkpoints/step_00000006"), "method"), "wb") as f:
         torch.save({"queue.keys": _Payload(str(marker))}, f)
     with pytest.warns(UserWarning, match="step_00000006.*resumed from .*step_00000004"):
         result = train(load_config(TINY, [f"trainer.run_dir={run}", "trainer.resume=auto"]))

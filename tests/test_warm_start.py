@@ -5,6 +5,7 @@ import os
 
 import torch
 
+from fastcl.checkpoint import object_path
 from fastcl.config import load_config
 from fastcl.train import main, train
 
@@ -33,13 +34,13 @@ def test_mocov2_continued_from_its_own_checkpoint_equals_the_uninterrupted_run(t
 def test_other_methods_start_from_it_with_fresh_state(tmp_path, capsys):
     base = str(tmp_path / "base")
     train(load_config(TINY, [f"trainer.run_dir={base}", "trainer.max_steps=4"]))
-    queue = torch.load(os.path.join(base, "checkpoints/step_00000004/custom_checkpoint_1.pkl"), weights_only=True)
+    queue = torch.load(object_path(os.path.join(base, "checkpoints/step_00000004"), "method"), weights_only=True)
     capsys.readouterr()
     ifnd = str(tmp_path / "ifnd")
     res = train(load_config(TINY, [f"trainer.run_dir={ifnd}", f"trainer.init_from={base}", "method.name=ifnd",
                                    "method.ifnd.levels=[4]", "trainer.max_steps=5"]))
     assert res["steps"] == 5 and "queue kept" in capsys.readouterr().out
-    st = torch.load(os.path.join(ifnd, "checkpoints/step_00000005/custom_checkpoint_1.pkl"), weights_only=True)
+    st = torch.load(object_path(os.path.join(ifnd, "checkpoints/step_00000005"), "method"), weights_only=True)
     assert int(st["table.seen"].sum()) == 16  # fresh SampleTable: only the one step's keys are in it
     # the queue came along: after one more push its older entries are the base run's
     assert torch.equal(st["queue.ids"][16:], queue["queue.ids"][16:])

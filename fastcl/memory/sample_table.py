@@ -36,6 +36,3 @@ class SampleTable(nn.Module):
         ids = ids.to(self.feats.device)
         self.feats[ids] = feats[last_occurrence(ids, self.feats.shape[0])].to(self.feats.dtype)
         self.seen[ids] = True
-
-    def coverage(self) -> float:
-        return float(self.seen.float().mean())  # host sync (epoch-level only)

@@ -9,10 +9,10 @@ false negative: eliminated from the denominator (`mode=elim`, the paper's main r
 positive (`mode=attr`). The positive is never masked. How the levels combine (`ifnd.hierarchy`, the paper's
 rule was not retrievable):
   per_level (default, our choice): one loss term per level, each with that level's false negatives only,
-             averaged (PCL's ProtoNCE averages its M clusterings the same way: objectives.targets.
-             ifnd_level_valids). The k-means levels {C, 2C, 4C} are nearly nested, so under `union` the coarsest
-             level decides alone and the finer ones add nothing; per_level keeps every granularity in the loss
-             and eliminates less aggressively where the coarse clusters are wrong.
+             averaged (PCL's ProtoNCE averages its M clusterings the same way: `level_targets` below, the
+             one implementation of the rule). The k-means levels {C, 2C, 4C} are nearly nested, so under
+             `union` the coarsest level decides alone and the finer ones add nothing; per_level keeps every
+             granularity in the loss and eliminates less aggressively where the coarse clusters are wrong.
   union:     FN at ANY level, one term (objectives.targets.ifnd_valid): the rule of the earlier results.
 Works on either baseline (`method.base=mocov2`: queue candidates looked up by their stored ids; `simclr`: in-batch
 views), both rules (per_level through `pair_loss`, which the step calls in both layouts).
@@ -55,8 +55,13 @@ def label_target(sims: Sims, labels: Tensor, mode: str, backend: str = "auto") -
 
 
 def level_targets(sims: Sims, labels: Tensor, mode: str, backend: str = "auto") -> list[Target]:
-    """IFND's per_level rule: one `label_target` per clustering level (labels [L, N] -> L Targets), i.e.
-    `objectives.targets.ifnd_level_valids` / `ifnd_level_attraction_targets` on the kernel backend."""
+    """IFND's per_level hierarchy rule (PCL-style): one `label_target` per clustering level (labels [L, N] -> L
+    Targets), target l built from level l's labels only (elim: a candidate leaves level l's denominator iff it
+    shares the anchor's accepted level-l label; attr: uniform over the positive and the level-l false negatives).
+    The loss is the mean over levels of the soft CE under each target (`objectives.loss.mean_soft_cross_entropy`),
+    as PCL's ProtoNCE averages its M clusterings. The `union` rule is instead ONE target, `label_target` over all
+    levels: with L identical levels both rules give the same loss; with nested levels (fine within coarse) union =
+    the coarse level alone, per_level averages the coarse and the fine terms."""
     return [label_target(sims, labels[lv:lv + 1], mode, backend) for lv in range(labels.shape[0])]
 
 
@@ -75,7 +80,10 @@ class IFNDConfig:
     hierarchy: str = "per_level"  # per_level: mean over levels of each level's loss (PCL-style) | union: FN at ANY level [U]
     niter: int = 20
     nredo: int = 1
-    init: str = "kmeans++"  # kmeans++ | random (PCL); random merges clusters at small k [our choice]
+    # k-means init, kmeans++ | random: THE default (ClusterMiner and spherical_kmeans take it from here, they have
+    # none). Our choice: IFND's source is silent on it (paper body not retrievable, METHODS.md §3.3); PCL used
+    # faiss' random, which merges clusters at small k. kmeans++ is what IFND has always run with here.
+    init: str = "kmeans++"
     seed: int = 0
 
     @staticmethod

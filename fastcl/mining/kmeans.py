@@ -37,8 +37,8 @@ class KMeansResult(NamedTuple):
 
 
 def spherical_kmeans(x: Tensor, k: int, niter: int = 20, nredo: int = 1, seed: int = 0, backend: str = "auto",
-                     max_points_per_centroid: int = 1000, min_points_per_centroid: int = 10,
-                     init: str = "random") -> KMeansResult:
+                     max_points_per_centroid: int = 1000, min_points_per_centroid: int = 10, *,
+                     init: str) -> KMeansResult:
     """Spherical k-means of the rows of x [N, D] (normalised here; any dtype/device) into k clusters.
 
     niter: Lloyd iterations per restart (fewer once converged, see the module doc); nredo: restarts from
@@ -47,9 +47,10 @@ def spherical_kmeans(x: Tensor, k: int, niter: int = 20, nredo: int = 1, seed: i
     max_points_per_centroid: train on a seeded random subset of k·max_points_per_centroid points when N is larger
     (every point is still assigned); min_points_per_centroid: below k·this many points the clustering is poorly
     determined and a warning is given (PCL passes 1000 / 10: our defaults).
-    init: "random" (k distinct random points: faiss' default, what PCL used; cheap at any k) or "kmeans++"
-    (greedy k-means++, D² = 1 - cos, 2 + ln k candidates per pick: far more reliable for small k, but k
-    sequential steps each costing ~(2 + ln k)·N·D, so keep it for k up to a few thousand).
+    init (required, no default here: IFND's one default is IFNDConfig.init): "random" (k distinct random points:
+    faiss' default, what PCL used; cheap at any k) or "kmeans++" (greedy k-means++, D² = 1 - cos, 2 + ln k
+    candidates per pick: far more reliable for small k, but k sequential steps each costing ~(2 + ln k)·N·D, so
+    keep it for k up to a few thousand).
     backend: see fastcl.mining.engine.choose_engine; the torch engine runs on x's device.
     """
     n, d = x.shape

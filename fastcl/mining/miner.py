@@ -67,11 +67,13 @@ class ClusterMiner:
     Clustering is costly and acceptance cheap: refresh() clusters (every `every` epochs, see due()), relabel()
     only re-applies a new acceptance rate to the stored assignment, so acceptance can grow every epoch.
     Level l clusters with seed + l, so levels differ even when two share a k.
+    init: the k-means initialisation ("kmeans++" | "random", kmeans.INITS), always given by the caller: the miner
+    has no default of its own, IFND passes method.ifnd.init (IFNDConfig.init holds the one default).
     """
 
-    def __init__(self, num_samples: int, levels: list[int] | tuple[int, ...], niter: int = 20, nredo: int = 1,
-                 seed: int = 0, confidence: str = "centroid", per_cluster: bool = True, backend: str = "auto",
-                 init: str = "random", every: int = 1, max_points_per_centroid: int = 1000,
+    def __init__(self, num_samples: int, levels: list[int] | tuple[int, ...], *, init: str, niter: int = 20,
+                 nredo: int = 1, seed: int = 0, confidence: str = "centroid", per_cluster: bool = True,
+                 backend: str = "auto", every: int = 1, max_points_per_centroid: int = 1000,
                  min_points_per_centroid: int = 10, device: str | torch.device = "cpu"):
         if not levels or any(k < 1 for k in levels):
             raise ValueError(f"levels must be a non-empty list of cluster counts >= 1, got {levels}")
@@ -135,10 +137,6 @@ class ClusterMiner:
             self.labels[lvl] = accept(self.assign[lvl], self.conf[lvl], rate, self.per_cluster)
         self.rate = float(rate)
 
-    def lookup(self, ids: Tensor) -> Tensor:
-        """Pseudo labels of dataset ids [B] -> [L, B] on ids' device (what fastcl.objectives.ifnd_valid takes)."""
-        return self.labels[:, ids.to(self.labels.device)].to(ids.device)
-
     def to(self, device: str | torch.device) -> "ClusterMiner":
         self.assign, self.conf, self.labels = (t.to(device) for t in (self.assign, self.conf, self.labels))
         return self
@@ -201,10 +199,6 @@ class NeighbourMiner:
         self.mined = True
         self.last_seconds = _sync_time(t0)
         return self.nbr_ids, self.nbr_sims
-
-    def partners(self, ids: Tensor) -> Tensor:
-        """Neighbour ids of dataset ids [B] -> [B, k] on ids' device (-1 = none)."""
-        return self.nbr_ids[ids.to(self.nbr_ids.device)].to(ids.device)
 
     def to(self, device: str | torch.device) -> "NeighbourMiner":
         self.nbr_ids, self.nbr_sims = self.nbr_ids.to(device), self.nbr_sims.to(device)

@@ -4,8 +4,6 @@ from fastcl.objectives.loss import (Target, masked_log_softmax, mean_soft_cross_
 from fastcl.objectives.targets import (
     ifnd_attraction_target,
     ifnd_false_negatives,
-    ifnd_level_attraction_targets,
-    ifnd_level_valids,
     ifnd_valid,
     multi_positive_target,
     sce_target,

@@ -25,8 +25,6 @@ __all__ = [
     "ifnd_false_negatives",
     "ifnd_valid",
     "ifnd_attraction_target",
-    "ifnd_level_valids",
-    "ifnd_level_attraction_targets",
     "multi_positive_target",
 ]
 
@@ -177,30 +175,6 @@ def ifnd_attraction_target(pos: Tensor, row_labels: Tensor, col_labels: Tensor,
         if valid is not None:
             fn &= valid.to(fn.device)
         return multi_positive_target(fn | _pos_mask(pos, fn.shape, fn.device))
-
-
-def ifnd_level_valids(pos: Tensor, row_labels: Tensor, col_labels: Tensor,
-                      valid: Tensor | None = None) -> list[Tensor]:
-    """IFND `per_level` hierarchy rule, elimination: one mask per clustering level.   (PCL-style)
-
-    pos [B] int64, row_labels [L, B], col_labels [L, C] (−1 = not accepted), valid [B, C] bool | None
-    -> L tensors [B, C] bool; mask l = ``ifnd_valid`` with level l's labels only (a candidate leaves level l's
-    denominator iff it shares the anchor's accepted level-l label). The loss is the average over levels of the
-    one-hot CE under each mask (``loss.mean_soft_cross_entropy``), as PCL's ProtoNCE averages its M clusterings.
-    The ``union`` rule is instead ONE mask, ``ifnd_valid`` over all levels: with L identical levels both rules
-    give the same loss; with nested levels (fine ⊂ coarse) union = the coarse mask alone, per_level averages the
-    coarse and the fine terms.
-    """
-    return [ifnd_valid(pos, row_labels[lv:lv + 1], col_labels[lv:lv + 1], valid) for lv in range(row_labels.shape[0])]
-
-
-def ifnd_level_attraction_targets(pos: Tensor, row_labels: Tensor, col_labels: Tensor,
-                                  valid: Tensor | None = None) -> list[Tensor]:
-    """IFND `per_level` rule, attraction: L targets [B, C] fp32, target l = ``ifnd_attraction_target`` with level
-    l's labels only (uniform over {pos} ∪ level-l false negatives); pair each with ``valid``. Shapes as
-    ``ifnd_level_valids``."""
-    return [ifnd_attraction_target(pos, row_labels[lv:lv + 1], col_labels[lv:lv + 1], valid)
-            for lv in range(row_labels.shape[0])]
 
 
 def multi_positive_target(pos_mask: Tensor, valid: Tensor | None = None) -> Tensor:
