@@ -40,7 +40,7 @@ $(SAMPLE): data/cifar10_sample.tar.gz
 	@touch $(SAMPLE)
 
 demo: install sample
-	$(PY) -m fastcl.demo
+	$(PY) -m fastcl.lab.demo
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider --timeout 600 tests
@@ -52,7 +52,7 @@ clean-runs:
 # runs/gpucheck/gpucheck.json + a printed table; exit 1 when a stage failed. The toy size (tiny networks; on the CPU
 # here, as tests/test_gpucheck.py runs it); a lent GPU machine runs `--size full` (docs/GPU.md).
 gpu-check: install
-	$(PY) -m fastcl.gpucheck --out runs/gpucheck
+	$(PY) -m fastcl.lab.gpucheck --out runs/gpucheck
 
 # What a lent GPU machine (no registry access, Python 3.12 + torch/accelerate/numba preinstalled) lacks, gathered
 # into the ignored data/gpu_carry/ (< 25 MB, within the 64 MiB a device command may carry): pure-Python wheels and

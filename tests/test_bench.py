@@ -21,7 +21,7 @@ def _evidence(folder):
 
 
 def test_step_bench_times_every_method_against_mocov2(tmp_path):
-    from fastcl.benchmarks import step
+    from fastcl.lab.benchmarks import step
     res = step.main(["--config", TINY, "--steps", "1", "--warmup", "1", "--repeats", "2", "--out", str(tmp_path), "--methods", *ALL])
     assert sorted(res) == sorted(ALL)
     assert res["mocov2"]["extra_vs_mocov2_pct"] == 0.0
@@ -32,7 +32,7 @@ def test_step_bench_times_every_method_against_mocov2(tmp_path):
 
 
 def test_kernels_bench_compares_numba_with_the_torch_reference(tmp_path):
-    from fastcl.benchmarks import kernels
+    from fastcl.lab.benchmarks import kernels
     out = kernels.main(["--rows", "4", "--cols", "512", "--repeats", "1", "--out-dir", str(tmp_path)])
     names = {r["kernel"] for r in out["results"]}
     assert len(names) >= 4
@@ -44,7 +44,7 @@ def test_kernels_bench_compares_numba_with_the_torch_reference(tmp_path):
 
 
 def test_mining_bench_runs_kmeans_and_knn_engines(tmp_path):
-    from fastcl.benchmarks import mining
+    from fastcl.lab.benchmarks import mining
     out = mining.main(["--n", "1200", "--dim", "16", "--k", "8", "--niter", "3", "--queries", "100", "--knn-k", "5",
                        "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
     assert set(out["results"]) == {"kmeans", "knn"}
@@ -56,7 +56,7 @@ def test_mining_bench_runs_kmeans_and_knn_engines(tmp_path):
 
 
 def test_loader_bench_on_real_jpegs(tmp_path, cifar_folder):
-    from fastcl.benchmarks import loader
+    from fastcl.lab.benchmarks import loader
     out = loader.main(["--backend", "torch", "--data", os.path.join(cifar_folder, "train"), "--batch", "32",
                        "--size", "32", "--batches", "2", "--repeats", "1", "--workers", "0", "--out", str(tmp_path)])
     r = out["results"]["torch"]
@@ -65,7 +65,7 @@ def test_loader_bench_on_real_jpegs(tmp_path, cifar_folder):
 
 
 def test_methods_bench_trains_every_method_on_real_images(tmp_path, cifar_folder):
-    from fastcl.benchmarks import methods
+    from fastcl.lab.benchmarks import methods
     out = str(tmp_path / "cmp")
     summary = methods.main(["--config", TINY, "--epochs", "1", "--out", out, "data.backend=torch",
                             f"data.path={cifar_folder}/train", f"data.eval_path={cifar_folder}/test",
@@ -80,7 +80,7 @@ def test_methods_bench_trains_every_method_on_real_images(tmp_path, cifar_folder
 
 
 def test_methods_bench_stops_when_a_run_is_preempted(tmp_path, monkeypatch):
-    from fastcl.benchmarks import methods
+    from fastcl.lab.benchmarks import methods
     calls = []
 
     def preempted(cfg):
@@ -93,7 +93,7 @@ def test_methods_bench_stops_when_a_run_is_preempted(tmp_path, monkeypatch):
 
 
 def test_methods_bench_refuses_sepp_without_its_miner_run(tmp_path, capsys):
-    from fastcl.benchmarks import methods
+    from fastcl.lab.benchmarks import methods
     with pytest.raises(SystemExit) as e:
         methods.main(["--config", TINY, "--out", str(tmp_path), "--methods", "sepp"])
     assert e.value.code == 2 and "add mocov2 to --methods" in capsys.readouterr().err
@@ -102,7 +102,7 @@ def test_methods_bench_refuses_sepp_without_its_miner_run(tmp_path, capsys):
 def test_step_bench_on_a_real_loader_adds_the_mocov2_reference(tmp_path, cifar_folder):
     """`--method sce sepp --backend torch`: the step includes the real loader; MoCo-v2 is timed too (the
     reference of the extra-cost column) even when not asked for."""
-    from fastcl.benchmarks import step
+    from fastcl.lab.benchmarks import step
     res = step.main(["--config", TINY, "--method", "sce", "sepp", "--backend", "torch", "--steps", "1",
                      "--warmup", "1", "--repeats", "1", "--out", str(tmp_path), f"data.path={cifar_folder}/train"])
     assert sorted(res) == ["mocov2", "sce", "sepp"] and all(r["img_per_s"] > 0 for r in res.values())
@@ -119,7 +119,7 @@ def test_bench_bad_input_is_one_line(capsys):
 def test_step_bench_compares_encode_once_with_per_pair(tmp_path):
     """--compare-per-pair on the symmetric 2+4 multi-crop structure: the engine encodes 6 student + 2 teacher
     images per sample in 2 + 1 forwards; the per-pair engine 10 + 10 in 10 + 10; the speedup is their ratio."""
-    from fastcl.benchmarks import step
+    from fastcl.lab.benchmarks import step
     views = "data.aug.views=[{size: 16},{size: 16},{size: 8},{size: 8},{size: 8},{size: 8}]"
     res = step.main(["--config", TINY, "--method", "sce", "--compare-per-pair", "--steps", "1", "--warmup", "1",
                      "--repeats", "1", "--out", str(tmp_path), "method.symmetric=true", views])
@@ -139,7 +139,7 @@ def test_loader_bench_views_and_cpu_time_counts_live_children():
     import sys
     import time
 
-    from fastcl.benchmarks.loader import LOCAL_SCALE, _proc_cpu_s, cpu_delta, cpu_seconds, parse_views
+    from fastcl.lab.benchmarks.loader import LOCAL_SCALE, _proc_cpu_s, cpu_delta, cpu_seconds, parse_views
 
     v = parse_views("2x224+6x96", 32)
     assert [x["size"] for x in v] == [224] * 2 + [96] * 6 and "scale" not in v[0] and v[2]["scale"] == list(LOCAL_SCALE)
@@ -167,7 +167,7 @@ def test_scaling_bench_measures_every_item_against_its_formula(tmp_path):
     at ImageNet-1k are the documented ones, the monitor's vote over 2 and 8 simulated shards equals its 1-rank
     vote, and every timed piece of work took a positive time."""
     from fastcl import bench
-    from fastcl.benchmarks import scaling
+    from fastcl.lab.benchmarks import scaling
     bench.main(["scaling", "--n", "2048", "--queue", "1024", "--dim", "16", "--levels", "8", "16", "32",
                 "--backbone-dim", "32", "--sepp-dim", "16", "--out", str(tmp_path), "--name", "toy"])
     out = _evidence(tmp_path)

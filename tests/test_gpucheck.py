@@ -1,4 +1,4 @@
-"""`python -m fastcl.gpucheck`, the one device check (docs/GPU.md), cannot rot: its toy size runs here on the
+"""`python -m fastcl.lab.gpucheck`, the one device check (docs/GPU.md), cannot rot: its toy size runs here on the
 CPU in CI, so a change that breaks a stage on the CPU fails this test long before a GPU machine is lent.
 
 - the toy run as a user runs it (a subprocess): every stage reported, none failed, every registered method
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastcl import gpucheck
+from fastcl.lab import gpucheck
 from fastcl.methods import METHODS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 def toy_run(tmp_path_factory) -> tuple[int, dict, float, str]:
     out = tmp_path_factory.mktemp("gpucheck")
     t0 = time.time()
-    p = subprocess.run([sys.executable, "-m", "fastcl.gpucheck", "--size", "toy", "--out", str(out)],
+    p = subprocess.run([sys.executable, "-m", "fastcl.lab.gpucheck", "--size", "toy", "--out", str(out)],
                        cwd=REPO, capture_output=True, text=True, timeout=500)
     with open(out / "gpucheck.json") as f:
         return p.returncode, json.load(f), time.time() - t0, p.stdout + p.stderr
@@ -120,7 +120,7 @@ def test_gpu_doc_names_only_what_exists():
     import re
 
     text = (REPO / "docs" / "GPU.md").read_text()
-    assert "python -m fastcl.gpucheck --size full" in text and "set -o pipefail" in text
+    assert "python -m fastcl.lab.gpucheck --size full" in text and "set -o pipefail" in text
     assert "| tail" not in text
     for mod in set(re.findall(r"python -m (fastcl(?:\.\w+)+)", text)):
         assert importlib.util.find_spec(mod) is not None, mod

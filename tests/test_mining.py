@@ -15,7 +15,7 @@ from sklearn.metrics import normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
 
 import fastcl.mining.knn as knn_mod
-from fastcl.benchmarks.mining import ari
+from fastcl.lab.benchmarks.mining import ari
 from fastcl.mining import (ClusterMiner, NeighbourMiner, accept, acceptance_schedule, choose_engine, confidence,
                            knn_search, pair_precision, semantic_pairs, spherical_kmeans)
 from fastcl.mining.engine import faiss_module, faiss_num_gpus

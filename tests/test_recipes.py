@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from fastcl import recipes
+from fastcl.lab import recipes
 from fastcl.config import load_config
 
 CARDS = recipes.load_cards()
@@ -25,7 +25,7 @@ def test_every_card_has_a_config_and_every_config_a_card():
 
 def test_recipes_md_is_the_rendering_of_the_yaml():
     with open(recipes.MD_PATH) as f:
-        assert f.read() == recipes.render(CARDS), "docs/RECIPES.md is stale: run `python -m fastcl.recipes`"
+        assert f.read() == recipes.render(CARDS), "docs/RECIPES.md is stale: run `python -m fastcl.lab.recipes`"
 
 
 def test_every_source_id_is_a_link():

@@ -1,4 +1,4 @@
-"""Accuracy regression guard (fastcl/regression.py): the stored reference is consistent with the seed runs it was
+"""Accuracy regression guard (fastcl/lab/regression.py): the stored reference is consistent with the seed runs it was
 derived from, the prediction bound has the false-alarm rate it claims, the comparison fails on a drop beyond the
 tolerance, another environment is a note and not a failure, and both guard paths (SimCLR; MoCo-v2 -> SCE on the
 queue) reproduce the reference within the tolerance at the check seeds (the check `make test` runs: a change that
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fastcl import regression
-from fastcl.regression import (CHECK_SEEDS, PATHS, RegressionError, bound, compare, environment,
+from fastcl.lab import regression
+from fastcl.lab.regression import (CHECK_SEEDS, PATHS, RegressionError, bound, compare, environment,
                                environment_differences, load_reference, statistics)
 
 

@@ -1,4 +1,4 @@
-"""fastcl.report: plots + report.md from synthetic run dirs (partial lines, missing keys, no kNN, different
+"""fastcl.lab.report: plots + report.md from synthetic run dirs (partial lines, missing keys, no kNN, different
 lengths, resumed steps) and from a real tiny training run."""
 import json
 import math
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from fastcl import report as R
+from fastcl.lab import report as R
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs/test/tiny.yaml")
@@ -200,7 +200,7 @@ def test_report_on_a_real_tiny_run(tmp_path):
 
     run = str(tmp_path / "tiny")
     result = train(load_config(TINY, [f"trainer.run_dir={run}", "trainer.max_steps=4"]))
-    out = subprocess.run([sys.executable, "-m", "fastcl.report", run, "--out", str(tmp_path / "rep")],
+    out = subprocess.run([sys.executable, "-m", "fastcl.lab.report", run, "--out", str(tmp_path / "rep")],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr
     md = open(tmp_path / "rep" / "report.md").read()

@@ -1,4 +1,4 @@
-"""`python -m fastcl.study` on synthetic data (configs/test/tiny.yaml): a 2-method x 2-seed study, its statistics,
+"""`python -m fastcl.lab.study` on synthetic data (configs/test/tiny.yaml): a 2-method x 2-seed study, its statistics,
 skipping finished runs and resuming an interrupted study, the warm protocol, and one-line errors."""
 import json
 import math
@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from fastcl.study import main
-from fastcl.study.stats import mean_std, paired_difference
+from fastcl.lab.study import main
+from fastcl.lab.study.stats import mean_std, paired_difference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs/test/tiny.yaml")
@@ -97,14 +97,14 @@ def test_bad_arguments_are_one_line(tmp_path, capsys, extra, needle):
 def test_bad_config_and_folders_are_one_line(tmp_path, capsys):
     assert _study(tmp_path, "optim.lrr=1") == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("fastcl.study: error:") and "optim.lrr" in err and len(err.splitlines()) == 1
+    assert err.startswith("fastcl.lab.study: error:") and "optim.lrr" in err and len(err.splitlines()) == 1
     assert _study(tmp_path, "data.backend=torch", f"data.path={tmp_path}") == 2
     assert "--test" in capsys.readouterr().err
     assert not (tmp_path / "scratch").exists()
 
 
 def test_overrides_may_follow_list_options():
-    from fastcl.study.cli import parse
+    from fastcl.lab.study.cli import parse
     a = parse(["--precisions", "1", "0.5", "data.path=x", "--sweep", "fn-precision", "optim.lr=0.1"])
     assert a.precisions == [1.0, 0.5] and a.sweep == ["fn-precision"] and a.overrides == ["data.path=x", "optim.lr=0.1"]
 
@@ -165,7 +165,7 @@ def test_ladder_protocol_rungs_continuations_and_resume(tmp_path, capsys):
 
 
 def test_break_even_reading_of_the_precision_sweep():
-    from fastcl.study.payoff import break_even, sweep_rung
+    from fastcl.lab.study.payoff import break_even, sweep_rung
 
     def pt(p, mean, low):
         return {"precision": p, "diff": {"mean": mean, "ci_low": low}}

@@ -2,7 +2,7 @@
 increasing quality, each measured (kNN on the test split, linear probe), then every method continuing from every
 rung (the payoff map: which label-assignment fix pays at which encoder quality).
 
-    python -m fastcl.study --protocol ladder --config configs/exp/cifar10_ladder.yaml --rungs 2 5 10 20 30 \
+    python -m fastcl.lab.study --protocol ladder --config configs/exp/cifar10_ladder.yaml --rungs 2 5 10 20 30 \
         --epochs E1 [--base-only] [key=value ...]
 
 Layout under <out>/ladder/: `_base/` (the long run: trainer.epochs = the last rung, trainer.keep_epochs = the
@@ -13,7 +13,7 @@ schedule over E1 epochs, step 0 and its own seeded RNG, so seeds differ in augme
 resumes when interrupted and is skipped when finished, as in the other protocols.
 
 The continuations run rung by rung, the top rung first (the closest to the papers' regime); after each rung its summary (e<R>/summary.*) and the payoff map
-so far (map.json / map.md / map.png, fastcl/study/payoff.py) are written, so an interrupted map still reports
+so far (map.json / map.md / map.png, fastcl/lab/study/payoff.py) are written, so an interrupted map still reports
 every finished rung. With `--sweep fn-precision` the degraded-oracle points run last and at one rung only: the
 lowest whose oracle interval lies above 0, else the top rung (the break-even reading).
 """
@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 
-from fastcl.study.runs import RunSpec, StudyError, evaluate
+from fastcl.lab.study.runs import RunSpec, StudyError, evaluate
 
 BASE = "_base"
 
@@ -79,7 +79,7 @@ def partner_table(root: str, rung: int) -> str:
 def partner_precision(root: str, base_dir: str, rung: int, threshold: float) -> float | None:
     """SePP's partner precision at a rung: the share of same-class pairs among the rung table's partners with
     cosine >= `threshold` (true labels, read for the report only); None before the table is mined."""
-    from fastcl.study.runs import mine_partners, partner_precision_curve
+    from fastcl.lab.study.runs import mine_partners, partner_precision_curve
 
     path = partner_table(root, rung)
     if not os.path.isfile(path):

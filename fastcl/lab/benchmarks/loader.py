@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from fastcl.benchmarks.common import sync, write_evidence
+from fastcl.lab.benchmarks.common import sync, write_evidence
 
 BACKENDS = ("torch", "ffcv", "ffcv_per_view", "ffcv_dct", "dali", "gpu_tensor")
 ALL_DEFAULT = ("torch", "ffcv", "ffcv_per_view", "dali", "gpu_tensor")  # --backend all (ffcv_dct on request)

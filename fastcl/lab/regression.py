@@ -1,8 +1,8 @@
 """Accuracy regression guard: fixed-budget training runs whose kNN is compared with a reference stored in the
 repository (tests/regression_reference.json), by `make test` (tests/test_regression_guard.py).
 
-    python -m fastcl.regression check [--paths simclr queue]       train the check seeds of every path, compare
-    python -m fastcl.regression update [--seeds 2 3 ...]            re-measure the reference (after a change that
+    python -m fastcl.lab.regression check [--paths simclr queue]       train the check seeds of every path, compare
+    python -m fastcl.lab.regression update [--seeds 2 3 ...]            re-measure the reference (after a change that
                                                                     moves accuracy on purpose) and record the commit
 
 Two paths, each on the bundled CIFAR-10 sample with kNN (k = 200) on the full 10,000-image CIFAR-10 test split:
@@ -46,8 +46,8 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from fastcl.lab import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = os.path.join(REPO, "tests/regression_reference.json")
 SHARED_DATA = os.environ.get("FASTCL_SHARED_DATA", os.path.join(os.path.dirname(REPO), "shared", "data"))
 TEST_SET = os.path.join(REPO, "data/extracted/cifar10_test")
@@ -131,8 +131,8 @@ def train_path(path: str, seed: int, run_root: str, progress: bool = False, with
     import torch
 
     from fastcl.config import load_config
-    from fastcl.demo import ensure_sample
-    from fastcl.study.cli import steps_per_epoch
+    from fastcl.lab.demo import ensure_sample
+    from fastcl.lab.study.cli import steps_per_epoch
     from fastcl.train import train
 
     ensure_sample()
@@ -180,7 +180,7 @@ def bound(values: list[float], m: int, n_points: int) -> dict:
     from scipy import stats
     from scipy.optimize import brentq
 
-    from fastcl.study.stats import mean_std
+    from fastcl.lab.study.stats import mean_std
 
     ms = mean_std(values)
     n, s = ms["n"], ms["std"]
@@ -238,13 +238,13 @@ def environment_differences(ref_env: dict, now: dict) -> list[str]:
 
 def load_reference(path: str = REFERENCE) -> dict:
     if not os.path.isfile(path):
-        raise RegressionError(f"no reference at {path}: create it with `python -m fastcl.regression update`")
+        raise RegressionError(f"no reference at {path}: create it with `python -m fastcl.lab.regression update`")
     with open(path) as f:
         ref = json.load(f)
     missing = [k for k in ("paths", "check_seeds", "environment") if k not in ref]
     if missing:
         raise RegressionError(f"{path}: malformed reference, missing {missing} (written by an older fastcl: run "
-                              f"`python -m fastcl.regression update`)")
+                              f"`python -m fastcl.lab.regression update`)")
     for name, p in ref["paths"].items():
         gone = [k for k in ("points", "seeds", "reference") if k not in p]
         if gone or name not in PATHS:
@@ -260,17 +260,17 @@ def compare(ref: dict, results: dict) -> tuple[list[str], list[str]]:
     for name, res in results.items():
         rp = ref["paths"].get(name)
         if rp is None:
-            raise RegressionError(f"the reference has no path {name!r}: run `python -m fastcl.regression update`")
+            raise RegressionError(f"the reference has no path {name!r}: run `python -m fastcl.lab.regression update`")
         if res["points"] != rp["points"]:
             raise RegressionError(f"path {name}: the check evaluated {res['points']}, the reference "
-                                  f"{rp['points']}: its configs changed; run `python -m fastcl.regression update`")
+                                  f"{rp['points']}: its configs changed; run `python -m fastcl.lab.regression update`")
         for point, now, st in zip(res["points"], res["knn"], rp["reference"]):
             line = (f"{name}: {point}: {now:.2f} % vs reference {st['mean']:.2f} % ({now - st['mean']:+.2f}, "
                     f"tolerance {st['tol']:.2f})")
             if now < st["mean"] - st["tol"]:
                 fails.append(line)
             elif now > st["mean"] + st["tol"]:
-                notes.append(line + ": above the reference; record it with `python -m fastcl.regression update`")
+                notes.append(line + ": above the reference; record it with `python -m fastcl.lab.regression update`")
     return fails, notes
 
 
@@ -331,7 +331,7 @@ def update(seeds: list[int], path: str = REFERENCE, run_root: str = "runs/regres
         out[name] = {"configs": [st.config for st in PATHS[name]], "points": points(name), "seeds": runs,
                      "reference": statistics(runs), "check_seeds_here": here}
     ref = {
-        "about": "accuracy regression guard (fastcl/regression.py); written by `python -m fastcl.regression update`",
+        "about": "accuracy regression guard (fastcl/lab/regression.py); written by `python -m fastcl.lab.regression update`",
         "check_seeds": list(CHECK_SEEDS),
         "statistics": {"alpha_family": ALPHA_FAMILY, "drop": DROP, "m": len(CHECK_SEEDS),
                        "bound": "one-sided prediction bound mean - t_{1-alpha,n-1} * s * sqrt(1/m + 1/n), "
@@ -351,7 +351,7 @@ def update(seeds: list[int], path: str = REFERENCE, run_root: str = "runs/regres
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fastcl.regression", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fastcl.lab.regression", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="train the guard paths at the check seeds and compare with the reference")
     c.add_argument("--reference", default=REFERENCE)
@@ -383,7 +383,7 @@ def main(argv=None) -> int:
             for line in out["failures"]:
                 print("REGRESSION:", line)
             print("regression guard:", "holds" if out["ok"] else "FAILED (a change cost accuracy beyond the seed "
-                  "noise; if that is intended, commit it and run `python -m fastcl.regression update`)")
+                  "noise; if that is intended, commit it and run `python -m fastcl.lab.regression update`)")
             return 0 if out["ok"] else 1
         ref = update(a.seeds, a.reference, a.run_root)
         print(f"wrote {a.reference} (commit {ref['commit']['hash'][:10]}, reference seeds {a.seeds}, check seeds "
@@ -395,7 +395,7 @@ def main(argv=None) -> int:
                       f"{st['power_one_run']:.2f} with one; 90 % power at a {st['drop_90']:.2f}-point drop")
         return 0
     except RegressionError as e:
-        print(f"fastcl.regression: error: {e}", file=sys.stderr)
+        print(f"fastcl.lab.regression: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -1,6 +1,6 @@
-"""Seeded same-budget study: `python -m fastcl.study` (docs/RESULTS.md "Seeded same-budget study").
+"""Seeded same-budget study: `python -m fastcl.lab.study` (docs/RESULTS.md "Seeded same-budget study").
 
-    python -m fastcl.study --config configs/exp/compare_cpu.yaml --methods mocov2 ifnd sepp oracle \
+    python -m fastcl.lab.study --config configs/exp/compare_cpu.yaml --methods mocov2 ifnd sepp oracle \
         --seeds 0 1 2 --epochs 6 [--protocol warm --warm-epochs 4] [--sweep fn-precision sepp-threshold] \
         [--out runs/study] [key=value ...]
 
@@ -25,6 +25,6 @@ plots kNN against p with IFND's measured detection precision (its fn_masked_prec
 plots SePP's partner precision against the similarity threshold (the mined table, true labels read for the report
 only) and trains SePP at the --sepp-thresholds.
 """
-from fastcl.study.cli import main
+from fastcl.lab.study.cli import main
 
 __all__ = ["main"]

@@ -1,6 +1,6 @@
 """Plots and a markdown summary of run directories.
 
-    python -m fastcl.report RUN_DIR [RUN_DIR ...] [--out DIR]
+    python -m fastcl.lab.report RUN_DIR [RUN_DIR ...] [--out DIR]
 
 writes into DIR (default: <first run>/report):
 
@@ -15,7 +15,7 @@ writes into DIR (default: <first run>/report):
                    as % of the step; skipped when no run logs stage timings
 - report.md        side-by-side tables of the runs (summary, time per stage, diagnostics means), links to the PNGs
 
-`--out FILE.png` keeps the old behaviour: only the loss + kNN figure (`plot_curves`, also used by fastcl.demo).
+`--out FILE.png` keeps the old behaviour: only the loss + kNN figure (`plot_curves`, also used by fastcl.lab.demo).
 
 Smoothing: noisy per-step series (loss, diagnostics) are drawn raw and faint, with a bias-corrected exponential
 moving average on top. The EMA span is span = clip(n // 25, 1, 50) logged points for a series of n points
@@ -498,7 +498,7 @@ def plot_timing(runs: list[Run], out_png: str) -> str | None:
 
 
 def plot_curves(run_dirs: list[str], out_png: str) -> str:
-    """Loss vs step and kNN top-1 vs epoch side by side, one line per run (used by `fastcl.demo`). Returns the
+    """Loss vs step and kNN top-1 vs epoch side by side, one line per run (used by `fastcl.lab.demo`). Returns the
     PNG path."""
     plt = _plt()
     runs = load_runs(run_dirs)
@@ -631,7 +631,7 @@ def report(run_dirs: list[str], out_dir: str | None = None) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fastcl.report",
+    ap = argparse.ArgumentParser(prog="python -m fastcl.lab.report",
                                  description="plots and a markdown summary comparing fastcl run directories")
     ap.add_argument("runs", nargs="+", metavar="RUN_DIR")
     ap.add_argument("--out", default=None,

@@ -1,4 +1,4 @@
-"""The study command: argument checks, the run plan, the loop (fastcl/study/__init__.py says what it does)."""
+"""The study command: argument checks, the run plan, the loop (fastcl/lab/study/__init__.py says what it does)."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,7 @@ import re
 import sys
 import time
 
-from fastcl.study.runs import RunSpec, StudyError, evaluate, finished, mine_partners, train_run
+from fastcl.lab.study.runs import RunSpec, StudyError, evaluate, finished, mine_partners, train_run
 
 SWEEPS = ("fn-precision", "sepp-threshold")
 PRECISIONS = (1.0, 0.75, 0.5, 0.25, 0.1)
@@ -16,13 +16,13 @@ REFERENCE = "mocov2"
 
 
 def method_runs() -> dict[str, list[str]]:
-    """method -> overrides: today's comparison (fastcl/benchmarks/methods.py), so both measure the same runs."""
-    from fastcl.benchmarks.methods import METHOD_RUNS
+    """method -> overrides: today's comparison (fastcl/lab/benchmarks/methods.py), so both measure the same runs."""
+    from fastcl.lab.benchmarks.methods import METHOD_RUNS
     return METHOD_RUNS
 
 
 def parse(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m fastcl.study", description="seeded same-budget study of the methods")
+    ap = argparse.ArgumentParser(prog="python -m fastcl.lab.study", description="seeded same-budget study of the methods")
     ap.add_argument("--config", default="configs/exp/compare_cpu.yaml")
     ap.add_argument("--methods", nargs="+", default=list(method_runs()), choices=list(method_runs()))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -139,16 +139,16 @@ def main(argv=None) -> int:
     try:
         return _main(a)
     except StudyError as e:
-        print(f"fastcl.study: error: {e}", file=sys.stderr)
+        print(f"fastcl.lab.study: error: {e}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError) as e:  # ConfigError, SetupError and bad folders included
-        print(f"fastcl.study: error: {e}", file=sys.stderr)
+        print(f"fastcl.lab.study: error: {e}", file=sys.stderr)
         return 2
 
 
 def _main(a) -> int:
     from fastcl.config import load_config
-    from fastcl.study import report
+    from fastcl.lab.study import report
 
     cfg = load_config(a.config, list(a.overrides))
     synthetic = cfg.data.backend == "synthetic"
@@ -211,8 +211,8 @@ def _train_all(a, specs: list[RunSpec], bank: str, test: str):
 
 
 def _ladder(a, cfg, bank: str, test: str, root: str) -> int:
-    """The ladder protocol (fastcl/study/ladder.py): the long base, its rungs measured, then the continuations."""
-    from fastcl.study import ladder, payoff
+    """The ladder protocol (fastcl/lab/study/ladder.py): the long base, its rungs measured, then the continuations."""
+    from fastcl.lab.study import ladder, payoff
 
     ladder.check(a, cfg)
     base = ladder.base_spec(a, root)
@@ -263,7 +263,7 @@ def _ladder_reports(a, root, rung, res, rungs, results, pp, lines, sweep) -> Non
     """One rung's summary (the precision sweep's plots only at the sweep rung) and the payoff map so far."""
     import copy
 
-    from fastcl.study import payoff, report
+    from fastcl.lab.study import payoff, report
 
     ra = copy.copy(a)
     if sweep is None:

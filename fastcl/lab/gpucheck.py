@@ -1,6 +1,6 @@
 """One device check: every part of fastcl that behaves differently on a GPU, run once, each stage isolated.
 
-    python -m fastcl.gpucheck [--out DIR] [--size toy|full] [--stages env kernels ...] [--timeout-s N]
+    python -m fastcl.lab.gpucheck [--out DIR] [--size toy|full] [--stages env kernels ...] [--timeout-s N]
 
 Stages, in order (each a small function below; docs/GPU.md says what each one proves):
 
@@ -13,7 +13,7 @@ Stages, in order (each a small function below; docs/GPU.md says what each one pr
 | `train`      | `fastcl.train.train()` for every registered method: checkpoint, stop after N steps, resume          |
 | `monitor`    | the kNN monitor (random-init ResNet-18) on a small labelled CIFAR-10 folder, device vs CPU          |
 | `compile`    | `trainer.compile=true` for a few steps                                                              |
-| `throughput` | `fastcl.benchmarks.step`: CIFAR ResNet-18 on gpu_tensor (img/s, data wait), ResNet-50 2x224 synthetic |
+| `throughput` | `fastcl.lab.benchmarks.step`: CIFAR ResNet-18 on gpu_tensor (img/s, data wait), ResNet-50 2x224 synthetic |
 | `dali` `ffcv` | two epochs of those loaders over the labelled folder when the packages import                      |
 
 Isolation: every stage runs inside its own try/except with its own time budget, cut to what is left of the total
@@ -55,8 +55,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from fastcl.lab import REPO as LAB_REPO
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(LAB_REPO)
 TINY = REPO / "configs" / "test" / "tiny.yaml"
 CIFAR_R18 = REPO / "configs" / "exp" / "cifar10_mocov2.yaml"
 IMAGENET_R50 = REPO / "configs" / "exp" / "imagenet_mocov2.yaml"
@@ -254,7 +255,7 @@ def check_batch(batch, size: int, num_samples: int) -> None:
 # fails it.
 
 def stage_env(ctx: Ctx) -> tuple[dict, str]:
-    from fastcl.benchmarks.common import git_commit, hardware
+    from fastcl.lab.benchmarks.common import git_commit, hardware
 
     name = torch.cuda.get_device_name(ctx.device) if ctx.cuda else "cpu"
     optional = {m: try_import(m) for m in ("faiss", "ffcv", "nvidia.dali", "PIL")}
@@ -285,7 +286,7 @@ def numba_cuda_usable() -> bool:
 def stage_kernels(ctx: Ctx) -> tuple[dict, str]:
     """The kernels of `python -m fastcl.bench kernels`, each against the torch reference on the same inputs, to
     the tolerance of tests/test_kernels.py: numba.cuda on CUDA tensors, numba njit on CPU tensors."""
-    from fastcl.benchmarks.kernels import _calls, _inputs
+    from fastcl.lab.benchmarks.kernels import _calls, _inputs
     from fastcl.kernels import reference
 
     if ctx.cuda:
@@ -329,7 +330,7 @@ def compare_kernel(ref_fn: Callable, fast_fn: Callable, device: torch.device) ->
 def stage_mining(ctx: Ctx) -> tuple[dict, str]:
     """Spherical k-means and exact kNN with the torch engine on the device against the same calls on the CPU
     (same seed, so the same initial centroids), and faiss-gpu against them when faiss has GPU support."""
-    from fastcl.benchmarks.mining import make_data
+    from fastcl.lab.benchmarks.mining import make_data
     from fastcl.mining.engine import faiss_module, faiss_num_gpus
 
     m = ctx.size.mining
@@ -578,7 +579,7 @@ def missing_compiler(e: BaseException) -> bool:
 
 
 def stage_throughput(ctx: Ctx) -> tuple[dict, str]:
-    """fastcl.benchmarks.step (`python -m fastcl.bench step`), MoCo-v2 steps: CIFAR ResNet-18 on gpu_tensor
+    """fastcl.lab.benchmarks.step (`python -m fastcl.bench step`), MoCo-v2 steps: CIFAR ResNet-18 on gpu_tensor
     (the loader inside the timed step) with the loader's share of it, then ResNet-50 2x224 on synthetic data.
     Evidence JSON (step_*.json) lands in the output folder."""
     name = torch.cuda.get_device_name(ctx.device) if ctx.cuda else "cpu"
@@ -594,7 +595,7 @@ def stage_throughput(ctx: Ctx) -> tuple[dict, str]:
 
 
 def bench_step(ctx: Ctx, config: Path, backend: str, overrides: list[str], name: str) -> dict:
-    from fastcl.benchmarks import step
+    from fastcl.lab.benchmarks import step
 
     timing = [f"--{k}={v}" for k, v in ctx.size.bench.items()]
     res = step.main(["--config", str(config), "--methods", "mocov2", "--backend", backend, *timing,
@@ -806,7 +807,7 @@ def print_table(report: dict) -> None:
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="python -m fastcl.gpucheck", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m fastcl.lab.gpucheck", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/gpucheck",
                     help="output folder: gpucheck.json, gpucheck.log, the throughput stage's step_*.json")
     ap.add_argument("--size", choices=list(SIZES), default="toy",
@@ -863,7 +864,7 @@ def run_all(a, ctx: Ctx) -> int:
 def new_report(a, ctx: Ctx, stages: list[str]) -> dict:
     """Every selected stage starts as failed and "not reached": a run killed from outside leaves that."""
     return {"size": a.size, "device": torch.cuda.get_device_name(ctx.device) if ctx.cuda else "cpu",
-            "command": "python -m fastcl.gpucheck " + " ".join(a.argv),
+            "command": "python -m fastcl.lab.gpucheck " + " ".join(a.argv),
             "json": os.path.join(ctx.out, "gpucheck.json"), "wall_s": 0.0,
             "stages": {n: {"status": "fail", "reason": "not reached (the check was killed or crashed before)",
                            "seconds": 0.0, "numbers": {}} for n in stages}}

@@ -13,8 +13,8 @@ import json
 import math
 import os
 
-from fastcl.study.runs import last_epoch_mean
-from fastcl.study.stats import paired_difference
+from fastcl.lab.study.runs import last_epoch_mean
+from fastcl.lab.study.stats import paired_difference
 
 REFERENCE = "mocov2"
 

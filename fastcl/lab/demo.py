@@ -1,6 +1,6 @@
 """`make demo`: pretrain on the bundled CIFAR-10 sample on CPU, then report kNN top-1 vs random init.
 
-    python -m fastcl.demo [key=value ...]     (overrides apply to configs/exp/demo.yaml)
+    python -m fastcl.lab.demo [key=value ...]     (overrides apply to configs/exp/demo.yaml)
 """
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import sys
 import time
 
 from fastcl.config import load_config
-from fastcl.report import plot_curves
+from fastcl.lab.report import plot_curves
 from fastcl.train import train
+from fastcl.lab import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE_TAR = os.path.join(REPO, "data/cifar10_sample.tar.gz")
 SAMPLE = os.path.join(REPO, "data/extracted/cifar10_sample")
 

@@ -5,8 +5,8 @@ import json
 import math
 import os
 
-from fastcl.study.runs import last_epoch_mean, partner_precision_curve
-from fastcl.study.stats import mean_std, paired_difference
+from fastcl.lab.study.runs import last_epoch_mean, partner_precision_curve
+from fastcl.lab.study.stats import mean_std, paired_difference
 
 KS = ("200", "20")
 CURVE_THRESHOLDS = [round(-0.2 + 0.1 * i, 2) for i in range(12)]  # -0.2 .. 0.9 (centred cosines)

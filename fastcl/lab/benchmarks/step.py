@@ -5,7 +5,7 @@ MoCo-v2, all measured in ONE process with the same network and batch:
     python -m fastcl.bench step --compare-per-pair --config configs/exp/imagenet_sce_multicrop.yaml ...
 
 Every result reports the images the step encodes per sample (student / teacher, counted at the forward) and the
-module calls per step. --compare-per-pair also times the pre-encode-once engine (fastcl/benchmarks/per_pair.py,
+module calls per step. --compare-per-pair also times the pre-encode-once engine (fastcl/lab/benchmarks/per_pair.py,
 one forward per (query, key) pair) in the same rounds: "before vs after in one run".
 
 Timing: warm-up steps first (allocator, numba JIT, cuDNN autotune: excluded), then `--repeats` rounds that each
@@ -24,12 +24,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fastcl.benchmarks.common import sync, write_evidence
+from fastcl.lab.benchmarks.common import sync, write_evidence
 from fastcl.config import load_config, to_yaml
 from fastcl.methods import METHODS
 from fastcl.optim import set_lr_wd
 import fastcl.step as step_mod
-from fastcl.benchmarks.per_pair import per_pair_step
+from fastcl.lab.benchmarks.per_pair import per_pair_step
 from fastcl.step import train_step
 from fastcl.train import make_accelerator, setup
 

@@ -35,7 +35,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from fastcl.benchmarks.common import write_evidence
+from fastcl.lab.benchmarks.common import write_evidence
 # the kNN monitor's shard_topk compares min(4096, SIMS_BLOCK // n) held-out queries at a time with a rank's n bank
 # rows, so at ImageNet (n = 160,146 per rank at W = 8) a block holds 104 queries
 from fastcl.eval.monitor import SIMS_BLOCK

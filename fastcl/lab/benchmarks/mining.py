@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastcl.benchmarks.common import sync, write_evidence
+from fastcl.lab.benchmarks.common import sync, write_evidence
 from fastcl.mining.engine import faiss_module, faiss_num_gpus
 from fastcl.mining.kmeans import spherical_kmeans
 from fastcl.mining.knn import knn_search

@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
             return summary
     with open(os.path.join(a.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    from fastcl import report
+    from fastcl.lab import report
     report.main(dirs + ["--out", os.path.join(a.out, "report")])
     return summary
 

@@ -26,7 +26,7 @@ import statistics
 
 import torch
 
-from fastcl.benchmarks.common import time_repeats, write_evidence
+from fastcl.lab.benchmarks.common import time_repeats, write_evidence
 from fastcl.kernels import reference
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from fastcl.lab.study.cli import main
+
+sys.exit(main())

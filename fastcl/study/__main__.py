@@ -1,5 +1,0 @@
-import sys
-
-from fastcl.study.cli import main
-
-sys.exit(main())
