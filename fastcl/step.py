@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastcl import dist
-from fastcl.methods.base import ContrastiveMethod, Pair, Sims
+from fastcl.device import host_to_device
+from fastcl.methods.base import ContrastiveMethod, Pair, Services, Sims
 from fastcl.models import ema_update
 from fastcl.objectives import soft_cross_entropy
-from fastcl.device import host_to_device
 from fastcl.pipelines.batch import Batch
 from fastcl.timing import StageTimer
 
@@ -113,7 +112,7 @@ class StepParts:
     shuffle_bn: str = "off"  # key encoder BN: off | shuffle | sync (model.shuffle_bn)
     bn_splits: int = 1  # BN slices per process (model.bn_splits)
     seed: int = 0  # trainer.seed: the ShuffleBN permutation is a function of (seed, step)
-    embed_pass: Callable[[], Tensor] | None = None  # [N, D] eval-transform pass over the training set, or None
+    services: Services | None = None  # what the method was lent outside the step (methods/base.py)
 
 
 def _stage(parts: StepParts, name: str):

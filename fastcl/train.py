@@ -26,6 +26,7 @@ from fastcl import checkpoint as ckpt  # noqa: E402
 from fastcl import dist  # noqa: E402
 from fastcl.config import ConfigError, load_config  # noqa: E402
 from fastcl.methods import build_method  # noqa: E402
+from fastcl.methods.base import Services  # noqa: E402
 from fastcl.models import (build_encoder, build_predictor, convert_split_bn, convert_sync_bn,  # noqa: E402
                            make_teacher)
 from fastcl.optim import build_optimizer, set_lr_wd  # noqa: E402
@@ -156,9 +157,9 @@ def setup(cfg, accelerator):
     parts = StepParts(student, teacher, method, optimizer, accelerator, resolve_precision(cfg, device),
                       t.channels_last, o.clip_grad, StageTimer(device), t.skip_nonfinite, mo.shuffle_bn,
                       mo.bn_splits, t.seed,
-                      embed_pass(cfg, loader, teacher or accelerator.unwrap_model(student).encoder))
+                      services(method, device, cfg, loader, teacher or accelerator.unwrap_model(student).encoder))
     try:
-        method.prepare(parts, loader)
+        method.prepare(parts.services)
     except (FileNotFoundError, ValueError) as e:
         raise SetupError(f"{e}") from None
     return parts, loader, sched, state, expect, resumed
@@ -182,15 +183,18 @@ def warm_start(accelerator, src: str, objects: dict, files: dict, expect: dict, 
     return f"{info['path']} (trainer.init_from: fresh method state, {queue})"
 
 
-def embed_pass(cfg, loader, net):
-    """A function returning [N, D] eval-transform features of every training image by `net` (IFND source=pass:
-    the teacher when there is one, else the student's encoder); a collective, sharded over every rank, read
-    through the run's own backend (fastcl.eval.features.embed_dataset: every backend has such a pass)."""
-    def run():
+def services(method, device, cfg, loader, net) -> Services:
+    """The Services the method declares in `needs`, and nothing else (methods/base.py says what each is).
+    embed_pass: [N, D] eval-transform features of every training image by `net` (the teacher when there is one,
+    else the student's encoder); a collective, sharded over every rank, read through the run's own backend
+    (fastcl.eval.features.embed_dataset: every backend has such a pass)."""
+    def embed_pass():
         from fastcl.eval.features import embed_dataset
         return embed_dataset(net, cfg, loader)
 
-    return run
+    offers = {"embed_pass": embed_pass, "key_partners": getattr(loader, "set_key_partners", None),
+              "dataset_labels": (lambda: torch.as_tensor(loader.labels)) if hasattr(loader, "labels") else None}
+    return Services(device, **{k: v for k, v in offers.items() if k in method.needs})
 
 
 def _skip(loader, state: ckpt.TrainState):
@@ -245,7 +249,7 @@ def _train(cfg, stop: StopRequest, lock: ckpt.RunDirLock) -> dict:
     while state.step < last_step and not preempted:
         loader.set_epoch(state.epoch)
         if state.batches_done == 0:
-            run.epoch_start(parts.method.on_epoch_start(state.epoch, parts, loader))
+            run.epoch_start(parts.method.on_epoch_start(state.epoch, parts.services))
         batches = _skip(loader, state)
         while state.step < last_step:
             with parts.timer("data"):  # time spent waiting for the loader

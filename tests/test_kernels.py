@@ -207,3 +207,20 @@ def test_dispatcher_cleanup_survives_a_stale_signature_key():
     install()
     from numba.core import dispatcher
     assert dispatcher._DispatcherBase._fastcl_quiet_finalizer
+
+
+def test_the_objectives_api_chooses_the_kernel_backend():
+    """objectives.<target>(..., backend=) is the one entry the methods call: torch = the reference, numba = the
+    kernel package (imported on demand), the same numbers either way."""
+    from fastcl import objectives
+    from fastcl.objectives import targets as R
+
+    g = torch.Generator().manual_seed(0)
+    sims = torch.rand(64, 4096, generator=g) * 2 - 1
+    pos = torch.randint(0, 4096, (64,), generator=g)
+    assert torch.equal(objectives.sce_target(sims, pos, 0.5, 0.05), R.sce_target(sims, pos, 0.5, 0.05))
+    for backend in ("numba", "auto"):
+        torch.testing.assert_close(objectives.sce_target(sims, pos, 0.5, 0.05, backend=backend),
+                                   kernels.sce_target(sims, pos, 0.5, 0.05, backend=backend))
+        torch.testing.assert_close(objectives.slr_target(sims, pos, 3.0, 0.16, backend=backend),
+                                   R.slr_target(sims, pos, 3.0, 0.16), rtol=1e-4, atol=1e-6)

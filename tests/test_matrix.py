@@ -38,6 +38,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastcl.methods import METHODS as REGISTRY
 from fastcl.pipelines.batch import epoch_permutation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,13 +47,15 @@ WORKER = os.path.join(REPO, "tests/_dist_matrix_worker.py")
 sys.path.insert(0, os.path.dirname(WORKER))
 from _dist_matrix_worker import record_run  # noqa: E402
 
-METHODS = ("simclr", "mocov2", "sce", "ifnd", "sepp", "sane", "oracle")
+METHODS = tuple(REGISTRY)  # every registered method
 BACKENDS = ("torch", "ffcv", "dali")
-# Deterministic sample of the matrix run by default: each method once, each backend at least twice. SePP pair
-# mode (key view from a partner image) exists on torch only, so ffcv/dali run SePP in multi mode.
+# Deterministic sample of the matrix run by default: each method once, each backend at least twice (a method
+# registered later runs on torch by default). SePP pair mode (key view from a partner image) exists on torch
+# only, so ffcv/dali run SePP in multi mode.
 DEFAULT = {("mocov2", "torch"), ("sepp", "torch"), ("sane", "torch"),
            ("sce", "ffcv"), ("ifnd", "ffcv"),
            ("simclr", "dali"), ("oracle", "dali")}
+DEFAULT |= {(m, "torch") for m in METHODS if not any(d[0] == m for d in DEFAULT)}
 N, BATCH, EPOCHS, CLASSES, PER_CLASS = 64, 16, 2, 4, 16
 STEPS_PER_EPOCH = N // BATCH
 SEED = 0
@@ -70,17 +73,16 @@ RANDOM_VIEWS = ["data.aug.views.0.size=32", "data.aug.views.1.size=32"]  # the d
 
 
 def method_overrides(method: str, backend: str, data: dict) -> list[str]:
-    """The tiny config's method settings (as tests/test_methods.py) for the real-image runs."""
-    return {
-        "simclr": ["method.name=simclr", "method.queue_size=0"],
-        "mocov2": [],
-        "sce": ["method.name=sce"],
-        "ifnd": ["method.name=ifnd", "method.ifnd.levels=[4,8]", "method.ifnd.warmup_epochs=1"],
-        "sepp": ["method.name=sepp", f"method.sepp.table_path={data['table']}",
+    """The tiny config's method settings (as tests/test_methods.py) for the real-image runs: `method.name` plus
+    what a method needs at this size (a method without an entry runs with its defaults)."""
+    extra = {
+        "simclr": ["method.queue_size=0"],
+        "ifnd": ["method.ifnd.levels=[4,8]", "method.ifnd.warmup_epochs=1"],
+        "sepp": [f"method.sepp.table_path={data['table']}",
                  "method.sepp.rho=1.0" if backend == "torch" else "method.sepp.mode=multi"],
-        "sane": ["method.name=sane", "method.batch_negatives=true"],
-        "oracle": ["method.name=oracle"],
-    }[method]
+        "sane": ["method.batch_negatives=true"],
+    }
+    return [f"method.name={method}", *extra.get(method, [])]
 
 
 def overrides(method: str, backend: str, data: dict, run_dir: str, loader: str | None = None) -> list[str]:
@@ -221,9 +223,9 @@ def test_two_processes_real_images(method, backend, data):
                 assert torch.equal(v, s1[k][mk]) if torch.is_tensor(v) else v == s1[k][mk], mk
         else:
             assert torch.equal(s0[k], s1[k]), k
-    expect_state = {"simclr": set(), "mocov2": {"queue_keys"}, "sce": {"queue_keys"},
-                    "ifnd": {"queue_keys", "table_feats", "miner"}, "sepp": {"queue_keys", "miner"},
-                    "sane": {"queue_keys"}, "oracle": {"queue_keys", "oracle_labels"}}[method]
+    queue = set() if REGISTRY[method].inbatch_only else {"queue_keys"}  # the tiny config runs the MoCo layout
+    expect_state = queue | {"ifnd": {"table_feats", "miner"}, "sepp": {"miner"},
+                            "oracle": {"oracle_labels"}}.get(method, set())
     assert expect_state <= set(s0), set(s0)
     if "queue_ids" in s0:
         assert (s0["queue_ids"] >= 0).all()  # 32 slots, 128 keys pushed: full, and only real ids

@@ -193,3 +193,21 @@ def test_ifnd_hierarchy_wiring():
     want = mean_soft_cross_entropy(student / 0.2, [Target(one_hot_target(pos, 10).prob, v) for v in per_level])
     torch.testing.assert_close(losses["per_level"], want)
     assert float(losses["union"]) < float(losses["per_level"])  # union = the coarse level: eliminates more
+
+
+def test_a_method_is_lent_only_the_services_it_declares():
+    """train.services fills exactly the method's `needs`: the oracle alone gets the true labels, SePP the loader's
+    key-partner hook, IFND the embedding pass; MoCo-v2 gets none of them."""
+    from types import SimpleNamespace
+
+    from fastcl.methods import METHODS
+    from fastcl.train import services
+
+    loader = SimpleNamespace(labels=[3, 1, 2], set_key_partners=lambda ids, rho: None)
+    lent = {name: services(cls, torch.device("cpu"), None, loader, None) for name, cls in METHODS.items()}
+    filled = {name: {k for k in ("embed_pass", "key_partners", "dataset_labels") if getattr(s, k) is not None}
+              for name, s in lent.items()}
+    assert filled["oracle"] == {"dataset_labels"} and filled["sepp"] == {"key_partners"}
+    assert filled["ifnd"] == {"embed_pass"} and filled["mocov2"] == set() and filled["sce"] == set()
+    assert [n for n, f in filled.items() if "dataset_labels" in f] == ["oracle"]  # training never reads labels
+    assert lent["oracle"].dataset_labels().tolist() == [3, 1, 2]

@@ -64,9 +64,36 @@ def test_study_summarises_skips_and_resumes(tmp_path, capsys):
     for v in ("mocov2", "oracle"):  # resumed / rerun runs are exact: the same study
         for k in ("200", "20"):
             assert again[v][f"knn{k}"]["per_seed"] == m[v][f"knn{k}"]["per_seed"], (v, k)
+    # a run made by other training code is trained again (its recorded fingerprint differs); the others stay
+    spec = root / "mocov2" / "seed0" / "study_spec.json"
+    rec = json.loads(spec.read_text())
+    assert rec["code"] and rec["commit"]
+    spec.write_text(json.dumps({**rec, "code": "0" * 16}))
+    assert _study(out) == 0
+    log = capsys.readouterr().out
+    assert "the training code changed since this run" in log and "mocov2 seed 0: fresh" in log
+    assert log.count("skipped") == 3 and json.loads(spec.read_text())["code"] == rec["code"]
     # another budget in the same --out is refused instead of silently reusing the runs
     assert _study(out, "optim.lr=0.1") == 2
     assert "trained with other settings" in capsys.readouterr().err
+
+
+def test_code_fingerprint_ignores_comments_and_docstrings(tmp_path, monkeypatch):
+    import fastcl.lab
+    from fastcl.lab.study.runs import code_fingerprint
+
+    for top in ("fastcl", "pipelines", "kernels"):
+        (tmp_path / top).mkdir()
+    mod = tmp_path / "fastcl" / "m.py"
+    mod.write_text('"""doc"""\ndef f(x):\n    """doc"""\n    return x + 1\n')
+    (tmp_path / "fastcl" / "lab").mkdir()
+    monkeypatch.setattr(fastcl.lab, "REPO", str(tmp_path))
+    a = code_fingerprint()
+    mod.write_text('"""other doc"""\n# a comment\ndef f(x):\n    return x + 1  # why\n')
+    (tmp_path / "fastcl" / "lab" / "tool.py").write_text("X = 1\n")  # the lab is not training code
+    assert code_fingerprint() == a
+    mod.write_text('def f(x):\n    return x + 2\n')
+    assert code_fingerprint() != a
 
 
 def test_warm_protocol_shares_one_base_per_seed(tmp_path, capsys):

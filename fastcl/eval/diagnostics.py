@@ -15,12 +15,16 @@ and, with every kNN evaluation, `feature_rank` = effective_rank() of the held-ou
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
-from fastcl.methods.base import Sims
-from fastcl.methods.ifnd import lookup
-from fastcl.objectives import Target
+from fastcl.objectives.labels import lookup
+from fastcl.objectives.loss import Target
+
+if TYPE_CHECKING:  # the methods call these functions; the diagnostics only read a Sims' fields
+    from fastcl.methods.base import Sims
 
 
 def _prf(detected: Tensor, truth: Tensor, prefix: str) -> dict[str, Tensor]:

@@ -12,6 +12,7 @@ built once from the shared keys. `ContrastiveMethod` supplies defaults and knows
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +34,21 @@ class Layout:
     num_samples: int  # N: sizes the SampleTable, miners and per-sample label tables
     dim: int  # embedding dimension D
     seed: int  # trainer.seed: per-step random draws are functions of (seed, step)
+
+
+@dataclass
+class Services:
+    """What the trainer lends a method outside the step (`prepare`, `on_epoch_start`). Only the services named in
+    the method's `needs` are filled in; every other field is None, so a method can use nothing it did not declare."""
+
+    device: torch.device
+    # "embed_pass": [N, D] eval-transform features of every training image (the teacher if there is one, else the
+    # student's encoder); a collective, sharded over every rank
+    embed_pass: Callable[[], Tensor] | None = None
+    # "key_partners": key_partners(nbr_ids [N, k], rho) makes the loader draw the key view from a partner image
+    key_partners: Callable[[Tensor, float], None] | None = None
+    # "dataset_labels": [N] TRUE class labels in id order. Only the oracle (a marked research upper bound) asks
+    dataset_labels: Callable[[], Tensor] | None = None
 
 
 @dataclass
@@ -75,6 +91,7 @@ class ContrastiveMethod(nn.Module):
     needs_teacher_sims = False  # assign() reads Sims.teacher
     inbatch_only = False  # SimCLR: always the in-batch layout
     follows_base = False  # label-assignment add-ons (IFND, SePP, oracle): layout of `method.base`
+    needs: frozenset[str] = frozenset()  # the Services fields this method uses
 
     def __init__(self, c, layout: Layout):
         super().__init__()
@@ -137,15 +154,14 @@ class ContrastiveMethod(nn.Module):
         if self.miner is not None and state.get("miner") is not None:
             self.miner.load_state_dict(state["miner"])
 
-    def prepare(self, parts, loader) -> None:
+    def prepare(self, svc: Services) -> None:
         """Called once after setup (fresh or resumed run): attach data-side state (SePP's partner table,
         the oracle's labels) and move plain-object state to the training device."""
         if self.miner is not None:
-            self.miner.to(parts.accelerator.device)
+            self.miner.to(svc.device)
 
-    def on_epoch_start(self, epoch: int, parts, loader) -> dict:
-        """Epoch-level work (IFND re-clustering). `parts`: the trainer's StepParts; `loader`: the training
-        Loader. Returns metrics to log."""
+    def on_epoch_start(self, epoch: int, svc: Services) -> dict:
+        """Epoch-level work (IFND re-clustering). Returns metrics to log."""
         return {}
 
     # -- diagnostics (READ TRUE LABELS; logging only, never fed back) -------------------------------

@@ -24,34 +24,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fastcl import dist, kernels
+import numpy as np
+
+from fastcl import dist
 from fastcl.memory import SampleTable
-from fastcl.methods.base import ContrastiveMethod, Layout, Pair, Sims
-from fastcl.mining.kmeans import acceptance_schedule
-from fastcl.mining.miner import ClusterMiner
-from fastcl.objectives import Target, mean_soft_cross_entropy, one_hot_target
-
-
-# Label-driven assignment, shared with the oracle (true labels). Labels are per dataset sample ([L, N], -1 = no
-# label); rows and columns are looked up through their global ids, so queue entries get the CURRENT labels even when
-# they were enqueued before a re-clustering.
-def lookup(labels: Tensor, ids: Tensor) -> Tensor:
-    """labels [L, N], ids [n] (-1 = empty slot) -> [L, n] with -1 where ids < 0."""
-    out = labels[:, ids.clamp(min=0)]
-    return torch.where(ids[None] >= 0, out, torch.full_like(out, -1))
-
-
-def label_target(sims: Sims, labels: Tensor, mode: str, backend: str = "auto") -> Target:
-    """elim: same-label columns leave the denominator (one-hot target); attr: they become uniform positives.
-
-    The positive is never masked (ifnd_valid guarantees it), so no row can lose every candidate.
-    """
-    rows, cols = lookup(labels, sims.row_ids), lookup(labels, sims.col_ids)
-    if mode == "elim":
-        valid = kernels.ifnd_valid(sims.pos, rows, cols, sims.valid, backend=backend)
-        return one_hot_target(sims.pos, sims.valid.shape[1], valid)
-    prob = kernels.ifnd_attraction_target(sims.pos, rows, cols, sims.valid, backend=backend)
-    return Target(prob, sims.valid)
+from fastcl.methods.base import ContrastiveMethod, Layout, Pair, Services, Sims
+from fastcl.objectives import Target, label_target, mean_soft_cross_entropy
 
 
 def level_targets(sims: Sims, labels: Tensor, mode: str, backend: str = "auto") -> list[Target]:
@@ -62,7 +40,25 @@ def level_targets(sims: Sims, labels: Tensor, mode: str, backend: str = "auto") 
     as PCL's ProtoNCE averages its M clusterings. The `union` rule is instead ONE target, `label_target` over all
     levels: with L identical levels both rules give the same loss; with nested levels (fine within coarse) union =
     the coarse level alone, per_level averages the coarse and the fine terms."""
-    return [label_target(sims, labels[lv:lv + 1], mode, backend) for lv in range(labels.shape[0])]
+    return [label_target(sims.pos, sims.valid, sims.row_ids, sims.col_ids, labels[lv:lv + 1], mode, backend)
+            for lv in range(labels.shape[0])]
+
+
+def acceptance_schedule(epochs: int, warmup_epochs: int = 0, start: float = 0.0, end: float = 1.0) -> np.ndarray:
+    """Per-epoch acceptance rate a [epochs] float64 [U: METHODS.md §3.1 default a(e) ~ e/E].
+
+    a[e] = 0 for e < warmup_epochs, then linear from `start` (at e = warmup_epochs) to `end` (at e = epochs-1);
+    a single post-warm-up epoch gets `end`. Needs 0 <= start <= end <= 1, so a is monotone with a[-1] = end.
+    """
+    if not 0.0 <= start <= end <= 1.0:
+        raise ValueError(f"need 0 <= start <= end <= 1, got start={start}, end={end}")
+    if not 0 <= warmup_epochs < epochs:
+        raise ValueError(f"need 0 <= warmup_epochs < epochs, got warmup_epochs={warmup_epochs}, epochs={epochs}")
+    a = np.zeros(epochs, dtype=np.float64)
+    ramp = epochs - warmup_epochs
+    a[warmup_epochs:] = np.linspace(start, end, ramp) if ramp > 1 else end
+    assert a.shape == (epochs,) and a[-1] == end
+    return a
 
 
 @dataclass
@@ -105,12 +101,15 @@ class IFNDConfig:
 class IFND(ContrastiveMethod):
     section, Config = "ifnd", IFNDConfig
     follows_base = True
+    needs = frozenset({"embed_pass"})  # source=pass clusters a fresh eval-transform pass
 
     def __init__(self, c: IFNDConfig, layout: Layout):
         super().__init__(c, layout)
         n = layout.num_samples
         if max(c.levels) > n:  # bad-input fix (test_bad_input): fail at setup, not at the first refresh
             raise ValueError(f"method.ifnd.levels={list(c.levels)}: a cluster count exceeds the dataset ({n} samples)")
+        from fastcl.mining.miner import ClusterMiner  # faiss / k-means: loaded when an IFND run is built
+
         self.table = SampleTable(n, layout.dim) if c.source == "table" else None
         self.miner = ClusterMiner(n, list(c.levels), niter=c.niter, nredo=c.nredo, seed=c.seed,
                                   confidence=c.confidence, per_cluster=c.per_cluster, init=c.init,
@@ -126,14 +125,15 @@ class IFND(ContrastiveMethod):
             raise ValueError(f"method.ifnd.warmup_epochs={c.warmup_epochs} with trainer.epochs={epochs}: {e}") from None
         return {}
 
-    def prepare(self, parts, loader) -> None:
-        super().prepare(parts, loader)
-        if self.c.source == "pass" and parts.embed_pass is None:
-            raise ValueError("method.ifnd.source=pass needs the trainer's embedding pass (StepParts.embed_pass), "
-                             "which these parts were built without: use method.ifnd.source=table")
+    def prepare(self, svc: Services) -> None:
+        super().prepare(svc)
+        if self.c.source == "pass" and svc.embed_pass is None:
+            raise ValueError("method.ifnd.source=pass needs the trainer's embedding pass (Services.embed_pass), "
+                             "which was not lent here: use method.ifnd.source=table")
+        self.embed_pass = svc.embed_pass
 
     @torch.no_grad()
-    def _features(self, parts) -> torch.Tensor:
+    def _features(self) -> torch.Tensor:
         """[N, D] features to cluster (rank 0). Table rows never filled yet get a fixed random direction
         (they are clustered but their labels are dropped below)."""
         if self.table is not None:
@@ -142,16 +142,16 @@ class IFND(ContrastiveMethod):
             g = torch.Generator().manual_seed(self.c.seed)
             f[unseen] = torch.randn(int(unseen.sum()), f.shape[1], generator=g).to(f.device)
             return f
-        return parts.embed_pass()  # the eval-transform pass (teacher if there is one)
+        return self.embed_pass()  # the eval-transform pass (teacher if there is one)
 
-    def on_epoch_start(self, epoch: int, parts, loader) -> dict:
+    def on_epoch_start(self, epoch: int, svc: Services) -> dict:
         rate = float(self.rates[epoch])
         if rate <= 0 or (self.table is not None and not bool(self.table.seen.any())):
             self.miner.labels.fill_(-1)  # warm-up: plain instance discrimination
             return {"ifnd_rate": 0.0}
         if self.miner.due(epoch):
             # source=pass: embed_dataset is sharded over all ranks (a collective); the table is rank 0's alone
-            feats = self._features(parts) if dist.rank() == 0 or self.table is None else None
+            feats = self._features() if dist.rank() == 0 or self.table is None else None
             self.miner.refresh(feats, rate, epoch)
         else:
             self.miner.relabel(rate)
@@ -162,7 +162,8 @@ class IFND(ContrastiveMethod):
 
     def assign(self, sims: Sims, sc: dict) -> Target:
         """The union target (also what the diagnostics read under per_level: a candidate eliminated at any level)."""
-        return label_target(sims, self.miner.labels, self.c.mode, self.layout.kernel)
+        return label_target(sims.pos, sims.valid, sims.row_ids, sims.col_ids, self.miner.labels, self.c.mode,
+                            self.layout.kernel)
 
     def pair_loss(self, pair: Pair, extras: list, sc: dict, step: int) -> torch.Tensor:
         """per_level: the pair's loss is the mean over levels of each level's loss (PCL-style), not the union's."""

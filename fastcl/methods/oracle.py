@@ -26,9 +26,8 @@ import torch
 from torch import Tensor
 
 from fastcl import dist
-from fastcl.methods.base import ContrastiveMethod, Layout, Sims
-from fastcl.methods.ifnd import label_target, lookup
-from fastcl.objectives import Target, one_hot_target
+from fastcl.methods.base import ContrastiveMethod, Layout, Services, Sims
+from fastcl.objectives import Target, label_target, lookup, one_hot_target
 from fastcl.objectives.targets import multi_positive_target
 
 _SALT = 0x0AC1E  # stream of the degraded oracle's draws (seed_for)
@@ -81,20 +80,22 @@ def degrade_detections(detected: Tensor, negatives: Tensor, precision: float, ho
 class Oracle(ContrastiveMethod):
     section, Config = "oracle", OracleConfig
     follows_base = True
+    needs = frozenset({"dataset_labels"})  # true labels: the marked upper bound
 
     def __init__(self, c: OracleConfig, layout: Layout):
         super().__init__(c, layout)
         self.register_buffer("labels", torch.full((1, layout.num_samples), -1, dtype=torch.long))
 
-    def prepare(self, parts, loader) -> None:
+    def prepare(self, svc: Services) -> None:
         # THE ONLY METHOD THAT READS DATASET LABELS (research upper bound; the trainer warns).
-        if not hasattr(loader, "labels"):
-            raise ValueError(f"method.name=oracle needs a loader with a label table; {type(loader).__name__} has none")
-        self.labels.copy_(torch.as_tensor(loader.labels, dtype=torch.long).view(1, -1).to(self.labels.device))
+        if svc.dataset_labels is None:
+            raise ValueError("method.name=oracle needs a loader with a label table; this data backend has none")
+        self.labels.copy_(torch.as_tensor(svc.dataset_labels(), dtype=torch.long).view(1, -1).to(self.labels.device))
 
     def assign(self, sims: Sims, sc: dict) -> Target:
         if self.c.precision >= 1:
-            return label_target(sims, self.labels, self.c.mode, self.layout.kernel)
+            return label_target(sims.pos, sims.valid, sims.row_ids, sims.col_ids, self.labels, self.c.mode,
+                                self.layout.kernel)
         from fastcl.rand import seed_for
 
         rows, cols = lookup(self.labels, sims.row_ids)[0], lookup(self.labels, sims.col_ids)[0]

@@ -18,10 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastcl import kernels
-from fastcl.methods.base import ContrastiveMethod, Pair
-from fastcl.objectives import soft_cross_entropy
 from fastcl.device import host_to_device
+from fastcl.methods.base import ContrastiveMethod, Pair
+from fastcl.objectives import slr_target, soft_cross_entropy
 from fastcl.rand import seed_for
 from fastcl.schedules import cosine_ramp
 
@@ -92,7 +91,7 @@ class SANE(ContrastiveMethod):
             return pair.loss
         sims = pair.sims
         with torch.no_grad():
-            ybar = kernels.slr_target(sims.teacher, sims.pos, float(sc["mu"]), self.tau * c.tau_prime,
+            ybar = slr_target(sims.teacher, sims.pos, float(sc["mu"]), self.tau * c.tau_prime,
                                       sims.valid, backend=self.layout.kernel)
         perm, theta = self.mix_params(ybar.shape[0], step, ybar.device)
         valid = sims.valid | sims.valid[perm]

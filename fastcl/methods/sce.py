@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastcl import kernels
 from fastcl.methods.base import ContrastiveMethod, Sims
-from fastcl.objectives import Target
+from fastcl.objectives import Target, sce_target
 
 
 @dataclass
@@ -34,6 +33,6 @@ class SCE(ContrastiveMethod):
 
     def assign(self, sims: Sims, sc: dict) -> Target:
         c = self.c
-        prob = kernels.sce_target(sims.teacher, sims.pos, c.lam, c.tau_m, sims.valid,
+        prob = sce_target(sims.teacher, sims.pos, c.lam, c.tau_m, sims.valid,
                                   self_logit=0.0 if c.self_logit_compat else None, backend=self.layout.kernel)
         return Target(prob, sims.valid)

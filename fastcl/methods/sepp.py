@@ -20,8 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastcl.methods.base import ContrastiveMethod, Layout, Sims
-from fastcl.mining.miner import NeighbourMiner
+from fastcl.methods.base import ContrastiveMethod, Layout, Services, Sims
 from fastcl.objectives import Target, one_hot_target
 from fastcl.objectives.targets import multi_positive_target
 
@@ -62,6 +61,7 @@ def partner_mask(partners: Tensor, col_ids: Tensor) -> Tensor:
 class SePP(ContrastiveMethod):
     section, Config = "sepp", SePPConfig
     follows_base = True
+    needs = frozenset({"key_partners"})  # mode=pair: the loader draws key views from partner images
 
     def __init__(self, c: SePPConfig, layout: Layout):
         super().__init__(c, layout)
@@ -71,6 +71,8 @@ class SePP(ContrastiveMethod):
                                     f"`python -m fastcl.mining.sepp --checkpoint RUN --data TRAIN_DATA --out T.npz`")
         with np.load(c.table_path) as f:  # the table may hold more partners than the config keeps (k cap below)
             mined_k = int(f["k"])
+        from fastcl.mining.miner import NeighbourMiner  # faiss / kNN: loaded when a SePP run is built
+
         self.miner = NeighbourMiner(num_samples, mined_k, c.threshold)
         try:  # bad-input fix (tests/test_bad_input.py): name the key and the file when the table does not fit
             self.miner.load(c.table_path)
@@ -89,15 +91,14 @@ class SePP(ContrastiveMethod):
         keep[:, c.k:] = False  # the config may ask for fewer / stricter partners than were mined
         self.miner.nbr_ids = torch.where(keep, self.miner.nbr_ids, torch.full_like(self.miner.nbr_ids, -1))
 
-    def prepare(self, parts, loader) -> None:
-        super().prepare(parts, loader)
+    def prepare(self, svc: Services) -> None:
+        super().prepare(svc)
         if self.c.mode != "pair":
             return
-        if not hasattr(loader, "set_key_partners"):
-            raise ValueError(f"method.sepp.mode=pair needs a backend that can draw the key view from a partner "
-                             f"image (torch, gpu_tensor, synthetic); this data.backend ({type(loader).__name__}) "
-                             f"cannot: use method.sepp.mode=multi")
-        loader.set_key_partners(self.miner.nbr_ids, self.c.rho)
+        if svc.key_partners is None:
+            raise ValueError("method.sepp.mode=pair needs a backend that can draw the key view from a partner "
+                             "image (torch, gpu_tensor, synthetic); this data.backend cannot: use method.sepp.mode=multi")
+        svc.key_partners(self.miner.nbr_ids, self.c.rho)
 
     def assign(self, sims: Sims, sc: dict) -> Target:
         c = self.c

@@ -237,20 +237,3 @@ def accept(assign: Tensor, conf: Tensor, rate: float, per_cluster: bool = True) 
     labels = torch.full_like(assign, -1)
     labels[order[take]] = assign[order[take]]
     return labels
-
-
-def acceptance_schedule(epochs: int, warmup_epochs: int = 0, start: float = 0.0, end: float = 1.0) -> np.ndarray:
-    """Per-epoch acceptance rate a [epochs] float64 [U: METHODS.md §3.1 default a(e) ~ e/E].
-
-    a[e] = 0 for e < warmup_epochs, then linear from `start` (at e = warmup_epochs) to `end` (at e = epochs-1);
-    a single post-warm-up epoch gets `end`. Needs 0 <= start <= end <= 1, so a is monotone with a[-1] = end.
-    """
-    if not 0.0 <= start <= end <= 1.0:
-        raise ValueError(f"need 0 <= start <= end <= 1, got start={start}, end={end}")
-    if not 0 <= warmup_epochs < epochs:
-        raise ValueError(f"need 0 <= warmup_epochs < epochs, got warmup_epochs={warmup_epochs}, epochs={epochs}")
-    a = np.zeros(epochs, dtype=np.float64)
-    ramp = epochs - warmup_epochs
-    a[warmup_epochs:] = np.linspace(start, end, ramp) if ramp > 1 else end
-    assert a.shape == (epochs,) and a[-1] == end
-    return a

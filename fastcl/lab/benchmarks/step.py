@@ -121,7 +121,7 @@ def _run(a, scratch: str) -> dict:
         if m == "ifnd":  # fill the table, then cluster once so elimination is active in the timed steps
             for _ in range(max(a.warmup, len(loader))):
                 _one(r)
-            parts.method.on_epoch_start(1, parts, loader)
+            parts.method.on_epoch_start(1, parts.services)
     for r in runs.values():
         for _ in range(a.warmup):
             _one(r)

@@ -6,7 +6,9 @@
 
 Runs every method x seed under one budget (the config + overrides), each in <out>/<protocol>/<variant>/seed<s>.
 A finished run (result.json, not preempted) is skipped; an interrupted one resumes from its newest checkpoint
-(`--resume auto`), so an interrupted study continues where it stopped when the same command is run again. Each
+(`--resume auto`), so an interrupted study continues where it stopped when the same command is run again. Each run
+records its overrides, the commit and a fingerprint of the training code (every module but fastcl.lab, comments and
+docstrings not counted) in <run>/study_spec.json: a run made by other training code is trained again. Each
 finished run is evaluated once with `fastcl.eval.knn` (k = 200 and 20) on the test split (--test, default
 data.eval_path) against the training split. Then <out>/<protocol>/ gets summary.json, summary.md and PNGs: per
 method mean ± std of kNN top-1 and the paired difference to MoCo-v2 (pairs share the seed, hence the data order and

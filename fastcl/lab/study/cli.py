@@ -8,7 +8,7 @@ import re
 import sys
 import time
 
-from fastcl.lab.study.runs import RunSpec, StudyError, evaluate, finished, mine_partners, train_run
+from fastcl.lab.study.runs import RunSpec, StudyError, check_spec, evaluate, finished, mine_partners, train_run
 
 SWEEPS = ("fn-precision", "sepp-threshold")
 PRECISIONS = (1.0, 0.75, 0.5, 0.25, 0.1)
@@ -187,6 +187,7 @@ def _train_all(a, specs: list[RunSpec], bank: str, test: str):
     for i, spec in enumerate(specs, 1):
         head = f"[{i}/{len(specs)}] {spec.variant} seed {spec.seed}" + (f" rung e{spec.info['rung']}"
                                                                          if "rung" in spec.info else "")
+        check_spec(spec)  # a run made by other training code is removed here, before it could be skipped
         if spec.table and not finished(spec.run_dir):
             src = spec.table["source"]  # a finished run, or a checkpoint directory (a ladder rung)
             if not (finished(src) or os.path.isfile(os.path.join(src, META))):

@@ -1,6 +1,8 @@
 """One study run: train it (skip when finished, resume when interrupted), evaluate its kNN, mine SePP partners."""
 from __future__ import annotations
 
+import ast
+import hashlib
 import json
 import os
 import shutil
@@ -39,22 +41,58 @@ def finished(run_dir: str) -> bool:
         return not json.load(f).get("preempted")
 
 
-def train_run(config: str, spec: RunSpec) -> tuple[str, dict]:
-    """Train (or resume, or skip) one run. Returns (how: done|resumed|fresh, trainer result or {}).
+def code_fingerprint() -> str:
+    """sha256 (16 hex digits) of the training code: every module of the package except fastcl.lab, parsed, so
+    comments and docstrings do not count and only a change of what runs changes it."""
+    from fastcl.lab import REPO
 
-    The overrides are recorded in <run>/study_spec.json: a run directory made with other settings is refused
-    instead of being silently reused."""
-    from fastcl import checkpoint as ckpt
-    from fastcl.config import load_config
-    from fastcl.train import train
+    h = hashlib.sha256()
+    for top in ("fastcl", "pipelines", "kernels"):
+        for d, dirs, files in os.walk(os.path.join(REPO, top)):  # dirs pruned and sorted in place
+            dirs[:] = sorted(x for x in dirs if x != "lab" and not x.startswith((".", "__")))
+            for name in sorted(f for f in files if f.endswith(".py")):
+                path = os.path.join(d, name)
+                tree = ast.parse(open(path).read())
+                for node in ast.walk(tree):  # drop docstrings
+                    body = getattr(node, "body", None)
+                    if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                            and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+                        node.body = body[1:] or [ast.Pass()]
+                h.update(os.path.relpath(path, REPO).encode() + ast.dump(tree).encode())
+    return h.hexdigest()[:16]
 
+
+def check_spec(spec: RunSpec) -> str:
+    """Compare <run>/study_spec.json with `spec`: other overrides are refused (StudyError), a run made by other
+    training code (another fingerprint; finished or not) is removed so that it trains again from the start, a run
+    that recorded no fingerprint is kept. Returns the current fingerprint."""
+    code = code_fingerprint()
     spec_path = os.path.join(spec.run_dir, "study_spec.json")
     if os.path.isfile(spec_path):
         with open(spec_path) as f:
-            old = json.load(f)["overrides"]
-        if old != spec.overrides:
-            raise StudyError(f"{spec.run_dir} was trained with other settings ({sorted(set(old) ^ set(spec.overrides))}"
-                             f"); use another --out")
+            old = json.load(f)
+        if old["overrides"] != spec.overrides:
+            raise StudyError(f"{spec.run_dir} was trained with other settings "
+                             f"({sorted(set(old['overrides']) ^ set(spec.overrides))}); use another --out")
+        if old.get("code", code) != code:
+            print(f"{spec.run_dir}: the training code changed since this run (commit {old.get('commit')}, code "
+                  f"{old['code']}; now {code}): training it again", flush=True)
+            shutil.rmtree(spec.run_dir)
+    return code
+
+
+def train_run(config: str, spec: RunSpec) -> tuple[str, dict]:
+    """Train (or resume, or skip) one run. Returns (how: done|resumed|fresh, trainer result or {}).
+
+    <run>/study_spec.json records the overrides, the commit and the training code's fingerprint (check_spec says
+    what a mismatch does)."""
+    from fastcl import checkpoint as ckpt
+    from fastcl.config import load_config
+    from fastcl.lab.benchmarks.common import git_commit
+    from fastcl.train import train
+
+    code = check_spec(spec)
+    spec_path = os.path.join(spec.run_dir, "study_spec.json")
     if finished(spec.run_dir):
         return "done", {}
     how = "resumed" if ckpt.list_checkpoints(spec.run_dir) else "fresh"
@@ -62,7 +100,7 @@ def train_run(config: str, spec: RunSpec) -> tuple[str, dict]:
         shutil.rmtree(spec.run_dir, ignore_errors=True)
     os.makedirs(spec.run_dir, exist_ok=True)
     with open(spec_path, "w") as f:
-        json.dump({"overrides": spec.overrides}, f, indent=1)
+        json.dump({"overrides": spec.overrides, "commit": git_commit(), "code": code}, f, indent=1)
     over = spec.overrides + (["trainer.resume=auto"] if how == "resumed" else [])
     return how, train(load_config(config, over))
 
