@@ -142,7 +142,7 @@ def test_ladder_protocol_rungs_continuations_and_resume(tmp_path, capsys):
     schedule and seeded RNG (trainer.init_position=reset). An interrupted base resumes; finished runs are skipped."""
     out = tmp_path / "ladder"
     args = ["--config", TINY, "--protocol", "ladder", "--rungs", "1", "2", "--epochs", "1", "--seeds", "0", "1",
-            "--out", str(out), "trainer.ckpt_every=1", "trainer.ckpt_keep=1"]
+            "--out", str(out), "trainer.ckpt_every=1", "trainer.ckpt_keep=1", "trainer.keep_epochs=[1,2]"]
     assert main(args + ["--methods", "mocov2", "--base-only"]) == 0
     root = out / "ladder"
     base = root / "_base"

@@ -27,11 +27,16 @@ from fastcl.lab.study.runs import RunSpec, StudyError, evaluate
 BASE = "_base"
 
 
+def shared(a) -> list[str]:
+    """The key=value overrides of every ladder run; trainer.keep_epochs is left out: --rungs decide it."""
+    return [o for o in a.overrides if not o.startswith("trainer.keep_epochs=")]
+
+
 def base_spec(a, root: str) -> RunSpec:
     """The long MoCo-v2 run: seed 0, schedule over the last rung's epochs, every rung's checkpoint kept."""
     over = [f"trainer.epochs={max(a.rungs)}", f"trainer.keep_epochs=[{','.join(map(str, sorted(a.rungs)))}]",
             f"trainer.knn_every={a.base_knn_every}", "trainer.progress=false", "trainer.seed=0",
-            f"trainer.run_dir={os.path.join(root, BASE)}"] + list(a.overrides)
+            f"trainer.run_dir={os.path.join(root, BASE)}"] + shared(a)
     return RunSpec(BASE, 0, os.path.join(root, BASE), over, "mocov2")
 
 
@@ -64,7 +69,8 @@ def continuation_specs(a, root: str, variants: dict, base_dir: str, rungs: list[
                     over = [o for o in over if not o.startswith(("method.ifnd.warmup_epochs", "method.ifnd.source"))]
                     over += ["method.ifnd.warmup_epochs=0", "method.ifnd.source=pass"]
                 over = common + [f"trainer.seed={s}"] + over + [f"trainer.init_from={ck}",
-                                                                 f"trainer.run_dir={run_dir}"] + list(a.overrides)
+                                                                 f"trainer.run_dir={run_dir}"] + shared(a)
+                over.append("trainer.keep_epochs=[]")  # the rungs are the base's; a continuation pins none
                 specs.append(RunSpec(name, s, run_dir, over, v["method"],
                                      {"source": ck, "path": table} if v["method"] == "sepp" else {},
                                      {**v["info"], "rung": r}))
