@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from typing import NoReturn
 
 import torch
@@ -80,6 +81,40 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src)
     return box[0]
+
+
+def broadcast_state_(t: Tensor) -> Tensor:
+    """In-place broadcast from rank 0 of a state tensor; NCCL only moves CUDA tensors, so stage through one."""
+    if is_dist() and dist.get_backend() == "nccl" and t.device.type != "cuda":
+        staged = t.to(torch.device("cuda", torch.cuda.current_device()))
+        broadcast(staged)
+        t.copy_(staged)
+    else:
+        broadcast(t)
+    return t
+
+
+def run_on_rank0(fn):
+    """fn() on rank 0 (None elsewhere), then tell every rank whether it raised, so that nobody waits forever
+    on the broadcast that would have followed."""
+    out, err = None, None
+    if rank() == 0:
+        try:
+            out = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below on every rank
+            err = e
+    status = broadcast_object(None if err is None else f"{type(err).__name__}: {err}")
+    if err is not None:
+        raise err
+    if status is not None:
+        raise RuntimeError(f"mining failed on rank 0: {status}")
+    return out
+
+
+def synced_seconds(t0: float) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def all_reduce_mean(x: Tensor) -> Tensor:

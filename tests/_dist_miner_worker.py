@@ -13,7 +13,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from fastcl.mining import ClusterMiner, NeighbourMiner
+from fastcl.methods.ifnd import ClusterMiner
+from fastcl.mining import NeighbourMiner
 
 N, D, LEVELS, K_NN, THRESHOLD = 600, 16, [6, 12], 5, 0.3
 

@@ -16,9 +16,8 @@ from sklearn.metrics.cluster import contingency_matrix
 
 import fastcl.mining.knn as knn_mod
 from fastcl.lab.benchmarks.mining import ari
-from fastcl.methods.ifnd import acceptance_schedule
-from fastcl.mining import (ClusterMiner, NeighbourMiner, accept, choose_engine, confidence,
-                           knn_search, pair_precision, semantic_pairs, spherical_kmeans)
+from fastcl.methods.ifnd import ClusterMiner, accept, acceptance_schedule, confidence, spherical_kmeans
+from fastcl.mining import NeighbourMiner, choose_engine, knn_search, pair_precision, semantic_pairs
 from fastcl.mining.engine import faiss_module, faiss_num_gpus
 
 ROOT = Path(__file__).resolve().parents[1]

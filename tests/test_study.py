@@ -78,22 +78,42 @@ def test_study_summarises_skips_and_resumes(tmp_path, capsys):
     assert "trained with other settings" in capsys.readouterr().err
 
 
-def test_code_fingerprint_ignores_comments_and_docstrings(tmp_path, monkeypatch):
-    import fastcl.lab
+def test_code_fingerprint_covers_what_a_run_imports(tmp_path):
+    """The fingerprint is the parsed import closure of the training entry points and the run's method: comments
+    and docstrings do not count, another method's file and the lab do not count, a deferred import does."""
     from fastcl.lab.study.runs import code_fingerprint
 
-    for top in ("fastcl", "pipelines", "kernels"):
-        (tmp_path / top).mkdir()
-    mod = tmp_path / "fastcl" / "m.py"
-    mod.write_text('"""doc"""\ndef f(x):\n    """doc"""\n    return x + 1\n')
-    (tmp_path / "fastcl" / "lab").mkdir()
-    monkeypatch.setattr(fastcl.lab, "REPO", str(tmp_path))
-    a = code_fingerprint()
-    mod.write_text('"""other doc"""\n# a comment\ndef f(x):\n    return x + 1  # why\n')
-    (tmp_path / "fastcl" / "lab" / "tool.py").write_text("X = 1\n")  # the lab is not training code
-    assert code_fingerprint() == a
-    mod.write_text('def f(x):\n    return x + 2\n')
-    assert code_fingerprint() != a
+    def put(rel: str, text: str) -> None:  # PKG: a small package named like ours, in tmp_path only
+        path = tmp_path / rel.replace("PKG", "fastcl")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text.replace("PKG", "fastcl"))
+
+    put("PKG/__init__.py", "")
+    put("PKG/train.py", "from PKG import methods\nfrom PKG.step import run\n")
+    put("PKG/step.py", '"""doc"""\ndef run(x):\n    """doc"""\n    from PKG.late import g\n    return g(x) + 1\n')
+    put("PKG/late.py", "def g(x):\n    return x\n")
+    put("PKG/methods/__init__.py", "from PKG.methods.a import A\nfrom PKG.methods.b import B\n")
+    put("PKG/methods/base.py", "class Base: pass\n")
+    put("PKG/methods/a.py", "from PKG.methods.base import Base\nclass A(Base): pass\n")
+    put("PKG/methods/b.py", "from PKG.methods.base import Base\nclass B(Base): pass\n")
+    put("PKG/lab/__init__.py", "")
+    put("PKG/lab/tool.py", "X = 1\n")
+
+    def fp(method="a"):
+        return code_fingerprint("fastcl" + ".methods." + method, root=str(tmp_path))
+
+    a, b = fp(), fp("b")
+    assert a != b  # each run covers its own method
+    put("PKG/step.py", '"""other doc"""\n# a comment\ndef run(x):\n    from PKG.late import g  # why\n'
+                       '    return g(x) + 1\n')
+    put("PKG/lab/tool.py", "X = 2\n")  # the lab is not training code
+    put("PKG/methods/b.py", "from PKG.methods.base import Base\nclass B(Base):\n    x = 1\n")
+    assert fp() == a and fp("b") != b
+    put("PKG/late.py", "def g(x):\n    return x * 2\n")  # reached only by a deferred import
+    assert fp() != a
+    a = fp()
+    put("PKG/methods/base.py", "class Base:\n    y = 0\n")  # shared by every method
+    assert fp() != a
 
 
 def test_warm_protocol_shares_one_base_per_seed(tmp_path, capsys):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from fastcl.objectives.labels import lookup
+from fastcl.objectives.backend import lookup
 from fastcl.objectives.loss import Target
 
 if TYPE_CHECKING:  # the methods call these functions; the diagnostics only read a Sims' fields

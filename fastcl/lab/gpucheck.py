@@ -352,7 +352,7 @@ def stage_mining(ctx: Ctx) -> tuple[dict, str]:
 
 
 def mine_once(x: torch.Tensor, q: torch.Tensor, m: dict, backend: str, device: torch.device) -> dict:
-    from fastcl.mining.kmeans import spherical_kmeans
+    from fastcl.methods.ifnd import spherical_kmeans
     from fastcl.mining.knn import knn_search
 
     xd, qd = x.to(device), q.to(device)

@@ -9,11 +9,10 @@ loads no kernel.
 from __future__ import annotations
 
 from fastcl.objectives import targets as _targets
-from fastcl.objectives.backend import KERNEL_TARGETS, ifnd_attraction_target, ifnd_valid, sce_target, slr_target
-from fastcl.objectives.labels import label_target, lookup
+from fastcl.objectives.backend import ifnd_attraction_target, ifnd_valid, label_target, lookup, sce_target, slr_target
 from fastcl.objectives.loss import (Target, masked_log_softmax, mean_soft_cross_entropy, one_hot_target,
                                     soft_cross_entropy)
 from fastcl.objectives.targets import ifnd_false_negatives, multi_positive_target
 
 __all__ = ["Target", "masked_log_softmax", "mean_soft_cross_entropy", "one_hot_target", "soft_cross_entropy",
-           "label_target", "lookup", "KERNEL_TARGETS", *_targets.__all__]
+           "label_target", "lookup", *_targets.__all__]

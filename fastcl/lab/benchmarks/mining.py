@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from fastcl.lab.benchmarks.common import sync, write_evidence
 from fastcl.mining.engine import faiss_module, faiss_num_gpus
-from fastcl.mining.kmeans import spherical_kmeans
+from fastcl.methods.ifnd import spherical_kmeans
 from fastcl.mining.knn import knn_search
 
 

@@ -282,13 +282,13 @@ def peak_rss(out: dict):
 
 @contextlib.contextmanager
 def instrument_kmeans(calls: list, seconds: dict, clusterings: list):
-    """Count and time the parts of spherical_kmeans (fastcl.mining.kmeans): calls gets (rows, k, D, top) of every
+    """Count and time the parts of spherical_kmeans (fastcl.methods.ifnd): calls gets (rows, k, D, top) of every
     similarity pass of the torch engine (_top_sims: one per Lloyd iteration, one final top-2 per level);
     clusterings gets every faiss.Clustering the faiss engine builds (one per level; its iteration_stats count the
     iterations it ran: faiss stops early once the objective repeats); seconds accumulates the wall time of the
     initialisation (_init_centroids, shared by both engines: k-means++ is k-1 sequential steps) and of the Lloyd
     iterations (_lloyd_torch / _lloyd_faiss)."""
-    from fastcl.mining import kmeans
+    from fastcl.methods import ifnd as kmeans
 
     real_top, real_init = kmeans._top_sims, kmeans._init_centroids
     real_lloyd = {"_lloyd_torch": kmeans._lloyd_torch, "_lloyd_faiss": kmeans._lloyd_faiss}
@@ -430,7 +430,7 @@ def monitor_call(bank: torch.Tensor, bank_labels: torch.Tensor, test: torch.Tens
 def warm_up(engines: list[str]) -> None:
     """One tiny k-means and search per engine before anything is timed, so that library start-up (thread pools,
     faiss) is not charged to the first measured size."""
-    from fastcl.mining.kmeans import spherical_kmeans
+    from fastcl.methods.ifnd import spherical_kmeans
     from fastcl.mining.knn import knn_search
 
     x = unit(512, 16, torch.Generator().manual_seed(1))
@@ -442,7 +442,8 @@ def warm_up(engines: list[str]) -> None:
 def measure(n: int, a, engines: list[str]) -> dict:
     """Every item at one scaled size n: measured bytes (and formula), timed refreshes and vote."""
     from fastcl.memory import FeatureQueue, SampleTable
-    from fastcl.mining.miner import ClusterMiner, NeighbourMiner
+    from fastcl.methods.ifnd import ClusterMiner
+    from fastcl.mining.miner import NeighbourMiner
 
     g = torch.Generator().manual_seed(a.seed)
     out: dict = {"n": n}

@@ -41,24 +41,78 @@ def finished(run_dir: str) -> bool:
         return not json.load(f).get("preempted")
 
 
-def code_fingerprint() -> str:
-    """sha256 (16 hex digits) of the training code: every module of the package except fastcl.lab, parsed, so
-    comments and docstrings do not count and only a change of what runs changes it."""
+# What a study run executes: training (and its config and checkpoints) and the kNN evaluation.
+FINGERPRINT_ENTRIES = ("fastcl.train", "fastcl.config", "fastcl.checkpoint", "fastcl.eval.knn")
+REGISTRY = "fastcl.methods"  # imports every method; a run executes only its own (and the shared base)
+
+
+PACKAGE_DIRS = {"fastcl.pipelines": "pipelines", "fastcl.kernels": "kernels"}  # pyproject.toml's package-dir
+
+
+def _module_file(root: str, name: str) -> str | None:
+    parts = name.split(".")
+    if ".".join(parts[:2]) in PACKAGE_DIRS:
+        parts = [PACKAGE_DIRS[".".join(parts[:2])]] + parts[2:]
+    base = os.path.join(root, *parts)
+    for path in (base + ".py", os.path.join(base, "__init__.py")):
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _imports(root: str, name: str, tree: ast.AST) -> set[str]:
+    """Every module `tree` (the module `name`) may import, at module level or inside functions, with the
+    packages above each (importing a.b.c runs a/__init__ and a/b/__init__ first)."""
+    pkg = name if _module_file(root, name).endswith("__init__.py") else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:
+                up = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                mod = ".".join(up + ([mod] if mod else []))
+            found.add(mod)
+            found.update(f"{mod}.{a.name}" for a in node.names)  # `from pkg import submodule`
+    out = set()
+    for mod in found:
+        parts = mod.split(".")
+        out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return out
+
+
+def code_fingerprint(method_module: str, root: str | None = None) -> str:
+    """sha256 (16 hex digits) of the code one study run can execute: the import closure (module-level and
+    deferred imports) of FINGERPRINT_ENTRIES within the repository, fastcl.lab excluded, where the method registry
+    leads to `method_module` and the shared base only. Modules are parsed, so comments and docstrings do not
+    count; a change to another method's file, or to a module this run never imports, keeps its cached result."""
     from fastcl.lab import REPO
 
+    root = root or REPO
+    seen, todo, trees = set(), list(FINGERPRINT_ENTRIES) + [method_module], {}
+    while todo:
+        name = todo.pop()
+        if name in seen or name == "fastcl.lab" or name.startswith("fastcl.lab."):
+            continue
+        path = _module_file(root, name)
+        if path is None:  # third-party, standard library, or an attribute imported by name
+            continue
+        seen.add(name)
+        tree = trees[name] = ast.parse(open(path).read())
+        for dep in _imports(root, name, tree):
+            if name == REGISTRY and dep.startswith(REGISTRY + ".") and dep not in (method_module, REGISTRY + ".base"):
+                continue
+            todo.append(dep)
     h = hashlib.sha256()
-    for top in ("fastcl", "pipelines", "kernels"):
-        for d, dirs, files in os.walk(os.path.join(REPO, top)):  # dirs pruned and sorted in place
-            dirs[:] = sorted(x for x in dirs if x != "lab" and not x.startswith((".", "__")))
-            for name in sorted(f for f in files if f.endswith(".py")):
-                path = os.path.join(d, name)
-                tree = ast.parse(open(path).read())
-                for node in ast.walk(tree):  # drop docstrings
-                    body = getattr(node, "body", None)
-                    if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
-                            and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
-                        node.body = body[1:] or [ast.Pass()]
-                h.update(os.path.relpath(path, REPO).encode() + ast.dump(tree).encode())
+    for name in sorted(trees):
+        tree = trees[name]
+        for node in ast.walk(tree):  # drop docstrings
+            body = getattr(node, "body", None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                    and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+        h.update(name.encode() + ast.dump(tree).encode())
     return h.hexdigest()[:16]
 
 
@@ -66,7 +120,9 @@ def check_spec(spec: RunSpec) -> str:
     """Compare <run>/study_spec.json with `spec`: other overrides are refused (StudyError), a run made by other
     training code (another fingerprint; finished or not) is removed so that it trains again from the start, a run
     that recorded no fingerprint is kept. Returns the current fingerprint."""
-    code = code_fingerprint()
+    from fastcl.methods import method_class
+
+    code = code_fingerprint(method_class(spec.method).__module__)
     spec_path = os.path.join(spec.run_dir, "study_spec.json")
     if os.path.isfile(spec_path):
         with open(spec_path) as f:
