@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from fastcl.config import load_config
-from fastcl.methods.dcl import debiased_loss
+from fastcl.methods.dcl import debiased_loss, negative_estimate
 from fastcl.objectives import soft_cross_entropy
 from fastcl.train import train
 
@@ -65,3 +65,32 @@ def test_trains_on_both_bases(tmp_path):
                                  f"trainer.run_dir={tmp_path / base}"] + over)
         result = train(cfg)
         assert result["steps"] == 4 and math.isfinite(result["final_loss"]) and result["final_loss"] > 0
+    # the clamp check reads a queue run's checkpoint (its own loader, its queue) and refuses one without a queue
+    from fastcl.lab.study.dcl_check import clamp_share
+
+    res = clamp_share(str(tmp_path / "mocov2"), [0.1, 0.5], batches=1)
+    assert res["queue"] == 32 and res["rows"] == cfg.optim.batch_size
+    assert all(0.0 <= v["clamped"] <= 1.0 and v["pos_over_neg"] > 0 for v in res["tau"].values())
+    try:
+        clamp_share(str(tmp_path / "simclr"), [0.1])
+        raise AssertionError("a run without a queue was measured")
+    except ValueError as e:
+        assert "holds no queue" in str(e)
+
+
+def test_a_clamped_row_pulls_its_positive_only():
+    """On a queue (M = 4,096) at tau 0.1, a positive at cosine 0.9 outweighs the negatives' whole sum times tau+:
+    the estimate is clamped and the negatives get no gradient (what lets a trained MoCo encoder collapse under
+    DCL); at DCL's official tau 0.5 the same row is not clamped and its negatives are pushed."""
+    torch.manual_seed(2)
+    b, m = 4, 4096
+    neg = (0.1 * torch.randn(b, m)).clamp(-1, 1)
+    sims = torch.cat([torch.full((b, 1), 0.9), neg], dim=1)
+    pos, valid = torch.zeros(b, dtype=torch.long), torch.ones(b, m + 1, dtype=torch.bool)
+    for t, clamped in ((0.1, True), (0.5, False)):
+        _, ng, bound = negative_estimate(sims, pos, valid, t, 0.1)
+        assert bool((ng < bound).all()) is clamped and bool((ng < bound).any()) is clamped
+        x = sims.clone().requires_grad_()
+        debiased_loss(x, pos, valid, t, 0.1).backward()
+        assert bool((x.grad[:, 0] != 0).all())
+        assert (float(x.grad[:, 1:].abs().max()) == 0.0) is clamped

@@ -38,10 +38,14 @@ class DCLConfig:
         return [("tau_plus", 0 <= c.tau_plus < 1, f"must lie in [0, 1), got {c.tau_plus}")]
 
 
-def debiased_loss(student: Tensor, pos: Tensor, valid: Tensor, tau: float, tau_plus: float,
-                  clamp: bool = True) -> Tensor:
-    """Mean DCL loss [] of rows with cosines student [B, C] (with grad), positive column pos [B] and candidate mask
-    valid [B, C] (the positive included). M per row = valid candidates minus the positive."""
+def negative_estimate(student: Tensor, pos: Tensor, valid: Tensor, tau: float,
+                      tau_plus: float) -> tuple[Tensor, Tensor, Tensor]:
+    """DCL's estimate of the true negatives' term, before its lower bound, in logits shifted by 1/tau.
+
+    student [B, C] cosines, pos [B] positive column, valid [B, C] candidates (the positive included) ->
+    (pos_logit [B], ng [B] = (sum_neg exp - tau+ * M * exp(pos)) / (1 - tau+), bound [B] = M exp(-1/tau)).
+    ng < bound means the estimate is clamped: the row's negatives then get no gradient, only its positive does.
+    That happens when tau+ * M * exp(s_pos / tau) outweighs the negatives' sum, i.e. at a low tau or a large M."""
     rows = torch.arange(student.shape[0], device=student.device)
     logits = student.float() / tau - 1.0 / tau  # shifted: every exp below is <= 1
     pos_logit = logits[rows, pos]  # [B]
@@ -50,8 +54,16 @@ def debiased_loss(student: Tensor, pos: Tensor, valid: Tensor, tau: float, tau_p
     m = neg.sum(1).to(logits.dtype)  # [B] negatives per row
     neg_sum = torch.where(neg, logits.exp(), torch.zeros_like(logits)).sum(1)  # [B]
     ng = (neg_sum - tau_plus * m * pos_logit.exp()) / (1.0 - tau_plus)
+    return pos_logit, ng, m * math.exp(-2.0 / tau)  # M exp(-1/tau), shifted by exp(-1/tau)
+
+
+def debiased_loss(student: Tensor, pos: Tensor, valid: Tensor, tau: float, tau_plus: float,
+                  clamp: bool = True) -> Tensor:
+    """Mean DCL loss [] of rows with cosines student [B, C] (with grad), positive column pos [B] and candidate mask
+    valid [B, C] (the positive included). M per row = valid candidates minus the positive."""
+    pos_logit, ng, bound = negative_estimate(student, pos, valid, tau, tau_plus)
     if clamp:
-        ng = torch.maximum(ng, m * math.exp(-2.0 / tau))  # M exp(-1/tau), shifted by exp(-1/tau)
+        ng = torch.maximum(ng, bound)
     return (torch.log(pos_logit.exp() + ng) - pos_logit).mean()
 
 
