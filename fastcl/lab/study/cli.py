@@ -187,7 +187,7 @@ def _train_all(a, specs: list[RunSpec], bank: str, test: str):
     for i, spec in enumerate(specs, 1):
         head = f"[{i}/{len(specs)}] {spec.variant} seed {spec.seed}" + (f" rung e{spec.info['rung']}"
                                                                          if "rung" in spec.info else "")
-        check_spec(spec)  # a run made by other training code is removed here, before it could be skipped
+        code = check_spec(spec)  # a run made by other training code is removed here, before it could be skipped
         if spec.table and not finished(spec.run_dir):
             src = spec.table["source"]  # a finished run, or a checkpoint directory (a ladder rung)
             if not (finished(src) or os.path.isfile(os.path.join(src, META))):
@@ -195,7 +195,7 @@ def _train_all(a, specs: list[RunSpec], bank: str, test: str):
             tables[spec.seed] = mine_partners(src, spec.table["path"])
         t0 = time.time()
         print(f"{head}: {'done, skipped' if finished(spec.run_dir) else 'training'}", flush=True)
-        how, res = train_run(a.config, spec)
+        how, res = train_run(a.config, spec, code)
         if res.get("preempted"):
             print(f"{head}: stopped by a signal (checkpoint written); run the same command again to continue",
                   flush=True)

@@ -137,17 +137,17 @@ def check_spec(spec: RunSpec) -> str:
     return code
 
 
-def train_run(config: str, spec: RunSpec) -> tuple[str, dict]:
+def train_run(config: str, spec: RunSpec, code: str | None = None) -> tuple[str, dict]:
     """Train (or resume, or skip) one run. Returns (how: done|resumed|fresh, trainer result or {}).
 
     <run>/study_spec.json records the overrides, the commit and the training code's fingerprint (check_spec says
-    what a mismatch does)."""
+    what a mismatch does; `code`: its answer when the caller already asked)."""
     from fastcl import checkpoint as ckpt
     from fastcl.config import load_config
     from fastcl.lab.benchmarks.common import git_commit
     from fastcl.train import train
 
-    code = check_spec(spec)
+    code = code or check_spec(spec)
     spec_path = os.path.join(spec.run_dir, "study_spec.json")
     if finished(spec.run_dir):
         return "done", {}
