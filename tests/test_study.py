@@ -223,3 +223,18 @@ def test_break_even_reading_of_the_precision_sweep():
     assert break_even([pt(1, 1.0, 0.2), pt(0.5, 0.4, 0.1)])["lowest_paying"] == 0.5  # still paying at the lowest p
     assert sweep_rung([2, 5, 10], {2: {"ci_low": -0.3}, 5: {"ci_low": 0.1}, 10: {"ci_low": 0.4}}) == 5
     assert sweep_rung([2, 5, 10], {2: {"ci_low": -0.3}, 5: {"ci_low": float("nan")}}) == 10  # none pays: the top
+
+
+def test_map_plot_keeps_a_far_loss_off_the_axis(tmp_path):
+    """One method losing 20 points must not flatten the others: the axis spans 0 and the intervals within FAR,
+    and the far point is drawn at the edge (the plot still writes)."""
+    from fastcl.lab.study.payoff import FAR, plot, y_range
+
+    def d(mean, low, high):
+        return {"mean": mean, "ci_low": low, "ci_high": high}
+    mp = {"methods": ["sce", "dcl"],
+          "rows": [{"rung_knn": 50.0, "diff": {"sce": d(0.4, -0.2, 1.0), "dcl": d(-19.4, -29.8, -9.0)}},
+                   {"rung_knn": 56.0, "diff": {"sce": d(0.1, float("nan"), float("nan")), "dcl": d(-3.0, -4.0, -2.0)}}]}
+    lo, hi = y_range(mp)
+    assert -4.0 > lo > -FAR - 1 and 1.0 < hi < 2.0  # dcl's -3 interval counts, its -19.4 does not
+    assert os.path.isfile(plot(mp, str(tmp_path / "map.png")))

@@ -170,23 +170,49 @@ def markdown(mp: dict, epochs: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+FAR = 5.0  # points: a Δ beyond this is drawn at the plot's edge with its value written (our choice)
+
+
+def y_range(mp: dict) -> tuple[float, float]:
+    """The plot's Δ axis: 0 and every 95 % interval whose mean lies within ±FAR, with a margin, so that one method
+    that loses 20 points (DCL on the queue) does not flatten every other line into the zero line."""
+    vals = [0.0]
+    for r in mp["rows"]:
+        for d in r["diff"].values():
+            if abs(d["mean"]) <= FAR:
+                vals += [x for x in (d["mean"], d["ci_low"], d["ci_high"]) if not math.isnan(x)]
+    lo, hi = min(vals), max(vals)
+    pad = 0.1 * (hi - lo) + 0.1
+    return lo - pad, hi + pad
+
+
 def plot(mp: dict, path: str) -> str:
-    """Gain (paired Δ with its 95 % interval) against the rung's kNN, one line per method."""
+    """Gain (paired Δ with its 95 % interval) against the rung's kNN, one line per method; a Δ off the axis
+    (y_range) is a triangle at the edge labelled with its value and interval."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    lo, hi = y_range(mp)
     n = len(mp["methods"])
     for i, v in enumerate(mp["methods"]):
         rows = [r for r in mp["rows"] if v in r["diff"]]
         x = [r["rung_knn"] + 0.15 * (i - (n - 1) / 2) for r in rows]  # dodge overlapping bars
-        y = [r["diff"][v]["mean"] for r in rows]
-        err = [[0 if math.isnan(r["diff"][v]["ci_low"]) else r["diff"][v]["mean"] - r["diff"][v]["ci_low"]
-                for r in rows],
-               [0 if math.isnan(r["diff"][v]["ci_high"]) else r["diff"][v]["ci_high"] - r["diff"][v]["mean"]
-                for r in rows]]
-        ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, label=v)
+        d = [r["diff"][v] for r in rows]
+        inside = [lo <= e["mean"] <= hi for e in d]
+        y = [e["mean"] if ok else float("nan") for e, ok in zip(d, inside)]  # nan: a gap in the line
+        err = [[0 if math.isnan(e["ci_low"]) or not ok else e["mean"] - e["ci_low"] for e, ok in zip(d, inside)],
+               [0 if math.isnan(e["ci_high"]) or not ok else e["ci_high"] - e["mean"] for e, ok in zip(d, inside)]]
+        line = ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, label=v)
+        for xi, e, ok in zip(x, d, inside):
+            if not ok:
+                up = e["mean"] > hi
+                edge = hi - 0.04 * (hi - lo) if up else lo + 0.04 * (hi - lo)  # just inside the axes
+                ax.plot([xi], [edge], marker="^" if up else "v", color=line[0].get_color(), ms=9)
+                ax.annotate(f"{v} {e['mean']:+.1f} [{e['ci_low']:+.1f}, {e['ci_high']:+.1f}] (off the axis)",
+                            (xi, edge), textcoords="offset points", xytext=(-60, -14 if up else 8), fontsize=7)
+    ax.set_ylim(lo, hi)
     ax.axhline(0, color="gray", lw=1)
     ax.set_xlabel("rung: MoCo-v2 base kNN top-1 (%)")
     ax.set_ylabel("Δ kNN vs MoCo-v2 (points, 95 % CI)")
