@@ -112,6 +112,8 @@ def run_on_rank0(fn):
 
 
 def synced_seconds(t0: float) -> float:
+    """Seconds since `t0` (a `time.perf_counter()` reading), after waiting for queued CUDA work: without the
+    synchronise a GPU timing would stop when the kernels were launched, not when they finished."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - t0
