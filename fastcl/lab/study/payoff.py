@@ -188,14 +188,18 @@ def y_range(mp: dict) -> tuple[float, float]:
 
 def plot(mp: dict, path: str) -> str:
     """Gain (paired Δ with its 95 % interval) against the rung's kNN, one line per method; a Δ off the axis
-    (y_range) is a triangle at the edge labelled with its value and interval."""
+    (y_range) is a triangle at the edge, and its value and interval are listed under the plot (labels beside the
+    triangles collide when rungs lie close together)."""
+    import textwrap
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     lo, hi = y_range(mp)
     n = len(mp["methods"])
+    far: dict[str, list[str]] = {}
     for i, v in enumerate(mp["methods"]):
         rows = [r for r in mp["rows"] if v in r["diff"]]
         x = [r["rung_knn"] + 0.15 * (i - (n - 1) / 2) for r in rows]  # dodge overlapping bars
@@ -205,20 +209,24 @@ def plot(mp: dict, path: str) -> str:
         err = [[0 if math.isnan(e["ci_low"]) or not ok else e["mean"] - e["ci_low"] for e, ok in zip(d, inside)],
                [0 if math.isnan(e["ci_high"]) or not ok else e["ci_high"] - e["mean"] for e, ok in zip(d, inside)]]
         line = ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, label=v)
-        for xi, e, ok in zip(x, d, inside):
+        for xi, r, e, ok in zip(x, rows, d, inside):
             if not ok:
                 up = e["mean"] > hi
                 edge = hi - 0.04 * (hi - lo) if up else lo + 0.04 * (hi - lo)  # just inside the axes
                 ax.plot([xi], [edge], marker="^" if up else "v", color=line[0].get_color(), ms=9)
-                ax.annotate(f"{v} {e['mean']:+.1f} [{e['ci_low']:+.1f}, {e['ci_high']:+.1f}] (off the axis)",
-                            (xi, edge), textcoords="offset points", xytext=(-60, -14 if up else 8), fontsize=7)
+                far.setdefault(f"{v} ({'▲' if up else '▼'})", []).append(
+                    f"rung {r['rung_knn']:.1f}: {e['mean']:+.1f} [{e['ci_low']:+.1f}, {e['ci_high']:+.1f}]")
     ax.set_ylim(lo, hi)
     ax.axhline(0, color="gray", lw=1)
     ax.set_xlabel("rung: MoCo-v2 base kNN top-1 (%)")
     ax.set_ylabel("Δ kNN vs MoCo-v2 (points, 95 % CI)")
     ax.set_title("where label-assignment fixes pay")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    note = [ln for k, vs in far.items()
+            for ln in textwrap.wrap(f"off the axis, {k}: " + "; ".join(vs), 120, subsequent_indent="    ")]
+    if note:
+        fig.text(0.01, 0.01, "\n".join(note), fontsize=7, va="bottom")
+    fig.tight_layout(rect=(0, 0.035 * len(note), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
