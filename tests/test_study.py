@@ -228,7 +228,7 @@ def test_break_even_reading_of_the_precision_sweep():
 def test_map_plot_keeps_a_far_loss_off_the_axis(tmp_path):
     """One method losing 20 points must not flatten the others: the axis spans 0 and the intervals within FAR,
     and the far point is drawn at the edge (the plot still writes)."""
-    from fastcl.lab.study.payoff import FAR, plot, y_range
+    from fastcl.lab.study.payoff import FAR, off_axis, plot, y_range
 
     def d(mean, low, high):
         return {"mean": mean, "ci_low": low, "ci_high": high}
@@ -237,4 +237,5 @@ def test_map_plot_keeps_a_far_loss_off_the_axis(tmp_path):
                    {"rung_knn": 56.0, "diff": {"sce": d(0.1, float("nan"), float("nan")), "dcl": d(-3.0, -4.0, -2.0)}}]}
     lo, hi = y_range(mp)
     assert -4.0 > lo > -FAR - 1 and 1.0 < hi < 2.0  # dcl's -3 interval counts, its -19.4 does not
+    assert off_axis(mp) == ["off the axis, dcl (▼): rung 50.0: -19.4 [-29.8, -9.0]"]  # its value is still shown
     assert os.path.isfile(plot(mp, str(tmp_path / "map.png")))

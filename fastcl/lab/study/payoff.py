@@ -186,6 +186,19 @@ def y_range(mp: dict) -> tuple[float, float]:
     return lo - pad, hi + pad
 
 
+def off_axis(mp: dict) -> list[str]:
+    """One line per method with a Δ outside y_range: its rungs' values and intervals, for the note under the plot."""
+    lo, hi = y_range(mp)
+    far: dict[str, list[str]] = {}
+    for v in mp["methods"]:
+        for r in mp["rows"]:
+            e = r["diff"].get(v)
+            if e is not None and not lo <= e["mean"] <= hi:
+                far.setdefault(f"{v} ({'▲' if e['mean'] > hi else '▼'})", []).append(
+                    f"rung {r['rung_knn']:.1f}: {e['mean']:+.1f} [{e['ci_low']:+.1f}, {e['ci_high']:+.1f}]")
+    return [f"off the axis, {k}: " + "; ".join(vs) for k, vs in far.items()]
+
+
 def plot(mp: dict, path: str) -> str:
     """Gain (paired Δ with its 95 % interval) against the rung's kNN, one line per method; a Δ off the axis
     (y_range) is a triangle at the edge, and its value and interval are listed under the plot (labels beside the
@@ -199,7 +212,6 @@ def plot(mp: dict, path: str) -> str:
     fig, ax = plt.subplots(figsize=(8, 5))
     lo, hi = y_range(mp)
     n = len(mp["methods"])
-    far: dict[str, list[str]] = {}
     for i, v in enumerate(mp["methods"]):
         rows = [r for r in mp["rows"] if v in r["diff"]]
         x = [r["rung_knn"] + 0.15 * (i - (n - 1) / 2) for r in rows]  # dodge overlapping bars
@@ -209,21 +221,18 @@ def plot(mp: dict, path: str) -> str:
         err = [[0 if math.isnan(e["ci_low"]) or not ok else e["mean"] - e["ci_low"] for e, ok in zip(d, inside)],
                [0 if math.isnan(e["ci_high"]) or not ok else e["ci_high"] - e["mean"] for e, ok in zip(d, inside)]]
         line = ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, label=v)
-        for xi, r, e, ok in zip(x, rows, d, inside):
+        for xi, e, ok in zip(x, d, inside):
             if not ok:
                 up = e["mean"] > hi
                 edge = hi - 0.04 * (hi - lo) if up else lo + 0.04 * (hi - lo)  # just inside the axes
                 ax.plot([xi], [edge], marker="^" if up else "v", color=line[0].get_color(), ms=9)
-                far.setdefault(f"{v} ({'▲' if up else '▼'})", []).append(
-                    f"rung {r['rung_knn']:.1f}: {e['mean']:+.1f} [{e['ci_low']:+.1f}, {e['ci_high']:+.1f}]")
     ax.set_ylim(lo, hi)
     ax.axhline(0, color="gray", lw=1)
     ax.set_xlabel("rung: MoCo-v2 base kNN top-1 (%)")
     ax.set_ylabel("Δ kNN vs MoCo-v2 (points, 95 % CI)")
     ax.set_title("where label-assignment fixes pay")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    note = [ln for k, vs in far.items()
-            for ln in textwrap.wrap(f"off the axis, {k}: " + "; ".join(vs), 120, subsequent_indent="    ")]
+    note = [ln for far in off_axis(mp) for ln in textwrap.wrap(far, 120, subsequent_indent="    ")]
     if note:
         fig.text(0.01, 0.01, "\n".join(note), fontsize=7, va="bottom")
     fig.tight_layout(rect=(0, 0.035 * len(note), 1, 1))
