@@ -186,14 +186,20 @@ def y_range(mp: dict) -> tuple[float, float]:
     return lo - pad, hi + pad
 
 
-def off_axis(mp: dict) -> list[str]:
-    """One line per method with a Δ outside y_range: its rungs' values and intervals, for the note under the plot."""
-    lo, hi = y_range(mp)
+def inside(e: dict, rng: tuple[float, float]) -> bool:
+    """Whether a cell's mean lies on the plot's Δ axis (rng from y_range)."""
+    return rng[0] <= e["mean"] <= rng[1]
+
+
+def off_axis(mp: dict, rng: tuple[float, float] | None = None) -> list[str]:
+    """One line per method with a Δ outside the axis (rng, default y_range): its rungs' values and intervals, for
+    the note under the plot."""
+    lo, hi = rng or y_range(mp)
     far: dict[str, list[str]] = {}
     for v in mp["methods"]:
         for r in mp["rows"]:
             e = r["diff"].get(v)
-            if e is not None and not lo <= e["mean"] <= hi:
+            if e is not None and not inside(e, (lo, hi)):
                 far.setdefault(f"{v} ({'▲' if e['mean'] > hi else '▼'})", []).append(
                     f"rung {r['rung_knn']:.1f}: {e['mean']:+.1f} [{e['ci_low']:+.1f}, {e['ci_high']:+.1f}]")
     return [f"off the axis, {k}: " + "; ".join(vs) for k, vs in far.items()]
@@ -216,12 +222,12 @@ def plot(mp: dict, path: str) -> str:
         rows = [r for r in mp["rows"] if v in r["diff"]]
         x = [r["rung_knn"] + 0.15 * (i - (n - 1) / 2) for r in rows]  # dodge overlapping bars
         d = [r["diff"][v] for r in rows]
-        inside = [lo <= e["mean"] <= hi for e in d]
-        y = [e["mean"] if ok else float("nan") for e, ok in zip(d, inside)]  # nan: a gap in the line
-        err = [[0 if math.isnan(e["ci_low"]) or not ok else e["mean"] - e["ci_low"] for e, ok in zip(d, inside)],
-               [0 if math.isnan(e["ci_high"]) or not ok else e["ci_high"] - e["mean"] for e, ok in zip(d, inside)]]
+        on = [inside(e, (lo, hi)) for e in d]
+        y = [e["mean"] if ok else float("nan") for e, ok in zip(d, on)]  # nan: a gap in the line
+        err = [[0 if math.isnan(e["ci_low"]) or not ok else e["mean"] - e["ci_low"] for e, ok in zip(d, on)],
+               [0 if math.isnan(e["ci_high"]) or not ok else e["ci_high"] - e["mean"] for e, ok in zip(d, on)]]
         line = ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, label=v)
-        for xi, e, ok in zip(x, d, inside):
+        for xi, e, ok in zip(x, d, on):
             if not ok:
                 up = e["mean"] > hi
                 edge = hi - 0.04 * (hi - lo) if up else lo + 0.04 * (hi - lo)  # just inside the axes
@@ -232,7 +238,7 @@ def plot(mp: dict, path: str) -> str:
     ax.set_ylabel("Δ kNN vs MoCo-v2 (points, 95 % CI)")
     ax.set_title("where label-assignment fixes pay")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    note = [ln for far in off_axis(mp) for ln in textwrap.wrap(far, 120, subsequent_indent="    ")]
+    note = [ln for far in off_axis(mp, (lo, hi)) for ln in textwrap.wrap(far, 120, subsequent_indent="    ")]
     if note:
         fig.text(0.01, 0.01, "\n".join(note), fontsize=7, va="bottom")
     fig.tight_layout(rect=(0, 0.035 * len(note), 1, 1))
