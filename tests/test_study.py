@@ -239,3 +239,26 @@ def test_map_plot_keeps_a_far_loss_off_the_axis(tmp_path):
     assert -4.0 > lo > -FAR - 1 and 1.0 < hi < 2.0  # dcl's -3 interval counts, its -19.4 does not
     assert off_axis(mp) == ["off the axis, dcl (▼): rung 50.0: -19.4 [-29.8, -9.0]"]  # its value is still shown
     assert os.path.isfile(plot(mp, str(tmp_path / "map.png")))
+
+
+def test_pooled_difference_pairs_rung_and_seed():
+    """The pooled reading pairs each method's run with MoCo-v2's of the same rung and seed (R·S pairs), so a
+    small gain repeated at every rung is found where single rungs' 3 seeds cannot settle it."""
+    from fastcl.lab.study.payoff import pooled
+
+    res = []
+    for i, rung in enumerate((2, 5, 10, 20)):
+        for seed in (0, 1, 2):
+            base = 40.0 + 3 * i + 0.7 * seed  # rungs and seeds differ a lot: only pairing removes that
+            res += [{"variant": "mocov2", "rung": rung, "seed": seed, "knn": {"200": base}},
+                    {"variant": "oracle", "rung": rung, "seed": seed, "knn": {"200": base + 0.5 + 0.1 * (-1) ** seed}},
+                    {"variant": "sce", "rung": rung, "seed": seed, "knn": {"200": base + 0.3 * (-1) ** (seed + i)}}]
+    p = pooled(res, ["oracle", "sce", "sane"])
+    assert set(p) == {"oracle", "sce"} and p["oracle"]["n"] == 12  # sane ran nowhere: no entry
+    assert p["oracle"]["mean"] == pytest.approx(0.5 + 0.1 / 3)  # seeds +0.1, -0.1, +0.1 at every rung
+    assert p["oracle"]["ci_low"] > 0 and p["oracle"]["bonferroni"]["ci_low"] > 0
+    assert p["oracle"]["bonferroni"]["ci_low"] < p["oracle"]["ci_low"]  # level 1 - 0.05/3 is wider
+    assert p["sce"]["ci_low"] < 0 < p["sce"]["ci_high"]
+    s = p["oracle"]["by_seed"]  # seeds as the unit: 3 pairs, each seed's mean over the 4 rungs
+    assert s["n"] == 3 and s["mean"] == pytest.approx(p["oracle"]["mean"])
+    assert s["ci_high"] - s["ci_low"] > p["oracle"]["ci_high"] - p["oracle"]["ci_low"]  # 2 degrees of freedom

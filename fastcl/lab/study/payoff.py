@@ -46,6 +46,39 @@ def differences(results: list[dict], k: str, level: float) -> dict[str, dict]:
     return {v: paired_difference(vals, ref, level) for v, vals in by.items() if v != REFERENCE}
 
 
+def pooled(results: list[dict], methods: list[str], k: str = "200") -> dict[str, dict]:
+    """variant -> its paired difference to MoCo-v2 pooled over every rung: the pairs are (rung, seed), so R rungs
+    of S seeds give R·S pairs and R·S − 1 degrees of freedom. It answers "does the method change kNN on average
+    over this ladder", which no single rung's 3 seeds can settle once corrected; the spread between rungs counts
+    as noise, so a gain that exists at some rungs only is diluted, not invented. Each carries its Bonferroni
+    interval over the len(methods) pooled comparisons. A summary added beside the per-rung reading, not in place
+    of it.
+
+    The R·S pairs count as independent, yet a seed fixes the continuation's augmentations and order at every
+    rung. `by_seed` is the check that needs no such assumption: each seed's difference averaged over the rungs
+    first, so S pairs and S − 1 degrees of freedom (with 3 seeds an erratic interval: three close means give a
+    narrow one by luck), with its own Bonferroni interval."""
+    by: dict[str, dict] = {}
+    for r in results:
+        by.setdefault(r["variant"], {})[(r["rung"], r["seed"])] = r["knn"][k]
+    ref = by.get(REFERENCE, {})
+    level_b = 1 - 0.05 / max(1, len(methods))
+    def seed_means(vals: dict) -> dict[int, float]:
+        per: dict[int, list[float]] = {}
+        for (_, seed), x in vals.items():
+            per.setdefault(seed, []).append(x)
+        return {seed: sum(xs) / len(xs) for seed, xs in per.items()}
+
+    def diff(m: dict, r: dict) -> dict:
+        b = paired_difference(m, r, level_b)
+        return {**paired_difference(m, r, 0.95), "bonferroni": {"ci_low": b["ci_low"], "ci_high": b["ci_high"]}}
+
+    # by_seed averages over the rungs both ran at the seed
+    return {v: {**diff(by[v], ref), "by_seed": diff(seed_means(by[v]),
+                                                     seed_means({k: x for k, x in ref.items() if k in by[v]}))}
+            for v in methods if v in by}
+
+
 def break_even(points: list[dict]) -> dict:
     """points: [{"precision", "diff"}] of the degraded-oracle sweep at one rung -> the break-even reading.
 
@@ -107,8 +140,9 @@ def build(rungs: list[dict], results: list[dict], partner_precision: dict[int, f
                                f"{d['ci_high']:+.2f}] from rung e{first['epoch']} (kNN {first['rung_knn']:.1f}); "
                                + ("survives" if survives else "does not survive")
                                + f" the Bonferroni correction over {m} comparisons"}
+    in_rows = {row["epoch"] for row in rows}
     out = {"comparisons": m, "bonferroni_level": level_b, "methods": methods, "rows": rows, "readings": readings,
-           "break_even": None}
+           "pooled": pooled([x for x in results if x["rung"] in in_rows], methods), "break_even": None}
     if sweep:
         res = [x for x in results if x["rung"] == sweep["rung"]]
         d95 = differences(res, "200", 0.95)
@@ -152,6 +186,12 @@ def markdown(mp: dict, epochs: int) -> str:
                        f"{_f(g['sepp_partner_precision'], '.3f')} | {_f(g['queue_same_class'], '.3f')} |")
     lines += ["", "Reading per method (lowest rung whose 95 % interval excludes 0):", ""]
     lines += [f"- **{v}**: {mp['readings'][v]['text']}" for v in meths]
+    pool = mp.get("pooled") or {}
+    if pool:
+        lines += ["", f"Pooled over the {len(mp['rows'])} rungs (pairs = rung × seed; `**`: the Bonferroni interval "
+                      f"over the {len(meths)} pooled comparisons excludes 0 too):", ""]
+        lines += [f"- **{v}**: {_ci(pool[v])} ({pool[v]['n']} pairs); seeds as the unit (each seed's Δ averaged "
+                  f"over the rungs first): {_ci(pool[v]['by_seed'])}" for v in meths if v in pool]
     be = mp.get("break_even")
     if be:
         lines += ["", f"## Break-even false-negative precision at rung e{be['rung']}", "",
