@@ -262,3 +262,18 @@ def test_pooled_difference_pairs_rung_and_seed():
     s = p["oracle"]["by_seed"]  # seeds as the unit: 3 pairs, each seed's mean over the 4 rungs
     assert s["n"] == 3 and s["mean"] == pytest.approx(p["oracle"]["mean"])
     assert s["ci_high"] - s["ci_low"] > p["oracle"]["ci_high"] - p["oracle"]["ci_low"]  # 2 degrees of freedom
+
+
+def test_sweep_variants_keep_their_names_and_separate_the_degradations():
+    """The add sweep's run folders keep their names (finished runs stay cached); --degrade replace gets its own,
+    so it never reuses or overwrites add's runs, and the report finds its points under the same names."""
+    from fastcl.lab.study.cli import parse, variants
+    from fastcl.lab.study.runs import fn_variant, sepp_variant
+
+    assert (fn_variant(1), fn_variant(0.5), fn_variant(0.25, "add")) == ("oracle", "oracle_p0.5", "oracle_p0.25")
+    assert fn_variant(0.5, "replace") == "oracle_p0.5_replace" and fn_variant(1, "replace") == "oracle"
+    assert sepp_variant(-0.1) == "sepp_tm0.1"
+    v = variants(parse(["--config", TINY, "--sweep", "fn-precision", "--precisions", "1", "0.5",
+                        "--degrade", "replace"]))
+    assert "oracle_p0.5_replace" in v and "oracle_p0.5" not in v
+    assert "method.oracle.degrade=replace" in v["oracle_p0.5_replace"]["overrides"]

@@ -8,7 +8,8 @@ import re
 import sys
 import time
 
-from fastcl.lab.study.runs import RunSpec, StudyError, check_spec, evaluate, finished, mine_partners, train_run
+from fastcl.lab.study.runs import (RunSpec, StudyError, check_spec, evaluate, finished, fn_variant, mine_partners,
+                                   sepp_variant, train_run)
 
 SWEEPS = ("fn-precision", "sepp-threshold")
 PRECISIONS = (1.0, 0.75, 0.5, 0.25, 0.1)
@@ -68,10 +69,6 @@ def parse(argv=None) -> argparse.Namespace:
     return a
 
 
-def _tag(x: float) -> str:
-    return f"{x:g}".replace("-", "m")
-
-
 def variants(a) -> dict[str, dict]:
     """variant name -> {"method", "overrides", "info"}; MoCo-v2 (the reference) first, SePP variants last."""
     runs = method_runs()
@@ -81,13 +78,13 @@ def variants(a) -> dict[str, dict]:
         for m in (REFERENCE, "ifnd"):  # the plot's reference line and IFND's measured precision
             out.setdefault(m, {"method": m, "overrides": list(runs[m]), "info": {}})
         for p in a.precisions:
-            name = "oracle" if p == 1 else f"oracle_p{_tag(p)}"  # p = 1 is the oracle itself
+            name = fn_variant(p, a.degrade)
             over = list(runs["oracle"]) + ([f"method.oracle.precision={p}", f"method.oracle.degrade={a.degrade}"]
                                            if p < 1 else [])
             out[name] = {"method": "oracle", "overrides": over, "info": {"precision": p}}
     if "sepp-threshold" in a.sweep:
         for t in a.sepp_thresholds:
-            out[f"sepp_t{_tag(t)}"] = {"method": "sepp", "overrides": list(runs["sepp"]) + [f"method.sepp.threshold={t}"],
+            out[sepp_variant(t)] = {"method": "sepp", "overrides": list(runs["sepp"]) + [f"method.sepp.threshold={t}"],
                                        "info": {"threshold": t}}
     return dict(sorted(out.items(), key=lambda kv: (kv[1]["method"] == "sepp", kv[0] != REFERENCE)))
 

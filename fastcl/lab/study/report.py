@@ -5,7 +5,7 @@ import json
 import math
 import os
 
-from fastcl.lab.study.runs import last_epoch_mean, partner_precision_curve
+from fastcl.lab.study.runs import fn_variant, last_epoch_mean, partner_precision_curve, sepp_variant
 from fastcl.lab.study.stats import mean_std, paired_difference
 
 KS = ("200", "20")
@@ -153,7 +153,7 @@ def write(a, results: list[dict], tables: dict, out: str) -> str:
     if "fn-precision" in a.sweep:
         pts = []
         for p in sorted(set(a.precisions), reverse=True):
-            v = "oracle" if p == 1 else f"oracle_p{f'{p:g}'.replace('-', 'm')}"
+            v = fn_variant(p, a.degrade)
             e = methods[v]
             pts.append({"precision": p, "variant": v, "mean": e["knn200"]["mean"], "std": e["knn200"]["std"],
                         "diff200": e["diff200"]})
@@ -172,7 +172,7 @@ def write(a, results: list[dict], tables: dict, out: str) -> str:
             curve.append({"threshold": th, "partner_precision": sum(pp) / len(pp) if pp else float("nan"),
                           "images_with_partner": sum(c[i]["images_with_partner"] for c in curves) / len(curves)})
         sepp = {"curve": curve, "tables": {str(s): t["path"] for s, t in tables.items()},
-                "runs": [{"threshold": t, **{k: methods[f"sepp_t{f'{t:g}'.replace('-', 'm')}"]["knn200"][k]
+                "runs": [{"threshold": t, **{k: methods[sepp_variant(t)]["knn200"][k]
                                               for k in ("mean", "std")}} for t in a.sepp_thresholds]}
     summary = {"protocol": a.protocol, "config": a.config, "overrides": list(a.overrides), "seeds": a.seeds,
                "epochs": a.epochs, "warm_epochs": a.warm_epochs, "methods": methods, "fn_precision": fn,

@@ -32,6 +32,23 @@ class RunSpec:
     info: dict = field(default_factory=dict)  # sweep coordinates (precision, threshold)
 
 
+def _tag(x: float) -> str:
+    return f"{x:g}".replace("-", "m")
+
+
+def fn_variant(precision: float, degrade: str = "add") -> str:
+    """The precision sweep's variant (its run folder's name): p = 1 is the oracle itself; a degradation other than
+    the default `add` is part of the name, so a sweep with --degrade replace never lands on add's finished runs."""
+    if precision == 1:
+        return "oracle"
+    return f"oracle_p{_tag(precision)}" + ("" if degrade == "add" else f"_{degrade}")
+
+
+def sepp_variant(threshold: float) -> str:
+    """The SePP threshold sweep's variant."""
+    return f"sepp_t{_tag(threshold)}"
+
+
 def finished(run_dir: str) -> bool:
     """A run is finished when its result.json exists and it was not stopped by a signal / stop file."""
     path = os.path.join(run_dir, "result.json")
