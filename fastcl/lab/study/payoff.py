@@ -37,13 +37,28 @@ def rung_diagnostics(results: list[dict], partner_precision: float | None) -> di
             "sepp_partner_precision": float("nan") if partner_precision is None else partner_precision}
 
 
-def differences(results: list[dict], k: str, level: float) -> dict[str, dict]:
-    """variant -> paired difference to MoCo-v2 of kNN top-1 at k (one rung's results) at `level`."""
-    by = {}
+def _by_variant(results: list[dict], k: str, pair) -> dict[str, dict]:
+    """variant -> {pair(run): kNN top-1 at k}; `pair` keys a run by what it shares with its MoCo-v2 partner."""
+    by: dict[str, dict] = {}
     for r in results:
-        by.setdefault(r["variant"], {})[r["seed"]] = r["knn"][k]
+        by.setdefault(r["variant"], {})[pair(r)] = r["knn"][k]
+    return by
+
+
+def corrected(method: dict, reference: dict, level_b: float) -> dict:
+    """The 95 % paired difference (stats.paired_difference) with the Bonferroni interval at level_b beside it."""
+    b = paired_difference(method, reference, level_b)
+    return {**paired_difference(method, reference, 0.95),
+            "bonferroni": {"ci_low": b["ci_low"], "ci_high": b["ci_high"]}}
+
+
+def differences(results: list[dict], k: str, level_b: float | None = None) -> dict[str, dict]:
+    """variant -> paired difference to MoCo-v2 of kNN top-1 at k (one rung's results, pairs = seeds) at 95 %, with
+    its Bonferroni interval at level_b when given."""
+    by = _by_variant(results, k, lambda r: r["seed"])
     ref = by.get(REFERENCE, {})
-    return {v: paired_difference(vals, ref, level) for v, vals in by.items() if v != REFERENCE}
+    return {v: paired_difference(vals, ref, 0.95) if level_b is None else corrected(vals, ref, level_b)
+            for v, vals in by.items() if v != REFERENCE}
 
 
 def pooled(results: list[dict], methods: list[str], k: str = "200") -> dict[str, dict]:
@@ -58,24 +73,20 @@ def pooled(results: list[dict], methods: list[str], k: str = "200") -> dict[str,
     rung. `by_seed` is the check that needs no such assumption: each seed's difference averaged over the rungs
     first, so S pairs and S − 1 degrees of freedom (with 3 seeds an erratic interval: three close means give a
     narrow one by luck), with its own Bonferroni interval."""
-    by: dict[str, dict] = {}
-    for r in results:
-        by.setdefault(r["variant"], {})[(r["rung"], r["seed"])] = r["knn"][k]
+    by = _by_variant(results, k, lambda r: (r["rung"], r["seed"]))
     ref = by.get(REFERENCE, {})
     level_b = 1 - 0.05 / max(1, len(methods))
+
     def seed_means(vals: dict) -> dict[int, float]:
         per: dict[int, list[float]] = {}
         for (_, seed), x in vals.items():
             per.setdefault(seed, []).append(x)
         return {seed: sum(xs) / len(xs) for seed, xs in per.items()}
 
-    def diff(m: dict, r: dict) -> dict:
-        b = paired_difference(m, r, level_b)
-        return {**paired_difference(m, r, 0.95), "bonferroni": {"ci_low": b["ci_low"], "ci_high": b["ci_high"]}}
-
-    # by_seed averages over the rungs both ran at the seed
-    return {v: {**diff(by[v], ref), "by_seed": diff(seed_means(by[v]),
-                                                     seed_means({k: x for k, x in ref.items() if k in by[v]}))}
+    # by_seed averages MoCo-v2 over the same rungs as the method at each seed
+    return {v: {**corrected(by[v], ref, level_b),
+                "by_seed": corrected(seed_means(by[v]), seed_means({p: x for p, x in ref.items() if p in by[v]}),
+                                     level_b)}
             for v in methods if v in by}
 
 
@@ -119,12 +130,11 @@ def build(rungs: list[dict], results: list[dict], partner_precision: dict[int, f
     rows = []
     for rung in done:
         res = [x for x in results if x["rung"] == rung["epoch"]]
-        d95, db = differences(res, "200", 0.95), differences(res, "200", level_b)
+        d = differences(res, "200", level_b)
         ref = [x["knn"]["200"] for x in res if x["variant"] == REFERENCE]
         rows.append({"epoch": rung["epoch"], "rung_knn": rung["knn"]["200"], "rung_linear": rung.get("linear_top1"),
                      "mocov2_knn": _mean(ref), "seeds": sorted({x["seed"] for x in res}),
-                     "diff": {v: {**d95[v], "bonferroni": {"ci_low": db[v]["ci_low"], "ci_high": db[v]["ci_high"]}}
-                              for v in methods if v in d95},
+                     "diff": {v: d[v] for v in methods if v in d},
                      "diagnostics": rung_diagnostics(res, partner_precision.get(rung["epoch"]))})
     readings = {}
     for v in methods:
@@ -140,12 +150,11 @@ def build(rungs: list[dict], results: list[dict], partner_precision: dict[int, f
                                f"{d['ci_high']:+.2f}] from rung e{first['epoch']} (kNN {first['rung_knn']:.1f}); "
                                + ("survives" if survives else "does not survive")
                                + f" the Bonferroni correction over {m} comparisons"}
-    in_rows = {row["epoch"] for row in rows}
     out = {"comparisons": m, "bonferroni_level": level_b, "methods": methods, "rows": rows, "readings": readings,
-           "pooled": pooled([x for x in results if x["rung"] in in_rows], methods), "break_even": None}
+           "pooled": pooled(results, methods), "break_even": None}
     if sweep:
         res = [x for x in results if x["rung"] == sweep["rung"]]
-        d95 = differences(res, "200", 0.95)
+        d95 = differences(res, "200")
         pts = [{"precision": p["precision"], "variant": p["variant"], "diff": d95[p["variant"]]}
                for p in sweep["points"] if p["variant"] in d95]
         row = next((r for r in rows if r["epoch"] == sweep["rung"]), None)
